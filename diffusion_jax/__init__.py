@@ -1,0 +1,1 @@
+"""diffusion_jax: latent text-to-image diffusion in JAX and Flax."""
