@@ -1,0 +1,148 @@
+"""Shared building blocks: dense/conv layers with logical axis names, norms, ResNet blocks.
+
+Every parameter carries logical axis names (see `diffusion_jax.parallel.LOGICAL_AXIS_RULES`), so one
+table decides how it is sharded. Submodule names follow the diffusers/transformers state-dict names
+(`conv1`, `time_emb_proj`, `to_out_0` ...) so that `diffusion_jax.convert` maps weights with a single
+generic rule instead of a per-model table.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names of parameters.
+DENSE_AXES = ("embed", "mlp")  # kernel [in, out]
+CONV_AXES = ("conv_h", "conv_w", "embed", "mlp")  # kernel [kh, kw, in, out]
+BIAS_AXES = ("mlp",)
+NORM_AXES = ("norm",)
+
+
+def _partitioned(init, axes):
+  return nn.with_logical_partitioning(init, axes)
+
+
+# torch.nn.Linear/Conv2d initialise with kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+def torch_default_init(key, shape, dtype=jnp.float32):
+  fan_in = math.prod(shape[:-1])
+  bound = 1.0 / math.sqrt(fan_in)
+  return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def Dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
+          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
+  """`nn.Dense` whose kernel/bias carry logical axis names."""
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=_partitioned(torch_default_init, DENSE_AXES),
+                  bias_init=_partitioned(nn.initializers.zeros_init(), BIAS_AXES), name=name)
+
+
+def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any = None,
+         use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+         name: str | None = None) -> nn.Conv:
+  """NHWC `nn.Conv` with "same"-style symmetric padding by default, as torch's `padding=k//2`."""
+  if padding is None:
+    padding = ((kernel_size // 2, kernel_size // 2),) * 2
+  return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=padding,
+                 use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+                 kernel_init=_partitioned(torch_default_init, CONV_AXES),
+                 bias_init=_partitioned(nn.initializers.zeros_init(), BIAS_AXES), name=name)
+
+
+def GroupNorm(num_groups: int = 32, epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32,
+              param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
+  """GroupNorm with statistics always in float32 (bf16 statistics drift visibly in the VAE)."""
+  # use_fast_variance=False: E[x^2]-E[x]^2 loses digits against torch's two-pass variance.
+  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
+                      use_fast_variance=False, reduction_axes=None,
+                      scale_init=_partitioned(nn.initializers.ones_init(), NORM_AXES),
+                      bias_init=_partitioned(nn.initializers.zeros_init(), NORM_AXES), name=name)
+
+
+def LayerNorm(epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
+              name: str | None = None) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, use_fast_variance=False,
+                      scale_init=_partitioned(nn.initializers.ones_init(), NORM_AXES),
+                      bias_init=_partitioned(nn.initializers.zeros_init(), NORM_AXES), name=name)
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True,
+                       downscale_freq_shift: float = 0.0, max_period: float = 10000.0) -> jax.Array:
+  """Sinusoidal embedding of (possibly fractional) timesteps: [B] -> [B, dim] (DDPM / SD convention)."""
+  half = dim // 2
+  exponent = -math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / (half - downscale_freq_shift)
+  angles = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]  # [B, half]
+  sin, cos = jnp.sin(angles), jnp.cos(angles)
+  emb = jnp.concatenate([cos, sin] if flip_sin_to_cos else [sin, cos], axis=-1)
+  if dim % 2:
+    emb = jnp.pad(emb, ((0, 0), (0, 1)))
+  return emb
+
+
+class TimestepEmbedding(nn.Module):
+  """MLP on the sinusoidal embedding: linear_1 -> SiLU -> linear_2."""
+  features: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, emb):  # [B, D] -> [B, features]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    emb = Dense(self.features, name="linear_1", **kw)(emb)
+    return Dense(self.features, name="linear_2", **kw)(nn.silu(emb))
+
+
+class ResnetBlock(nn.Module):
+  """GroupNorm-SiLU-Conv twice, with an optional timestep shift and a 1x1 shortcut when widths differ."""
+  out_channels: int
+  groups: int = 32
+  eps: float = 1e-5
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, temb=None, deterministic: bool = True):  # [B, H, W, C], [B, T] -> [B, H, W, out]
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1", **kw)(x))
+    h = Conv(self.out_channels, 3, name="conv1", **kw)(h)
+    if temb is not None:
+      shift = Dense(self.out_channels, name="time_emb_proj", **kw)(nn.silu(temb))
+      h = h + shift[:, None, None, :]
+    h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2", **kw)(h))
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+    h = Conv(self.out_channels, 3, name="conv2", **kw)(h)
+    if x.shape[-1] != self.out_channels:
+      x = Conv(self.out_channels, 1, name="conv_shortcut", **kw)(x)
+    return x + h
+
+
+class Downsample(nn.Module):
+  """Stride-2 3x3 conv. `asymmetric_pad` is the VAE encoder's (0, 1) padding."""
+  channels: int
+  asymmetric_pad: bool = False
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C] -> [B, H/2, W/2, C]
+    padding = ((0, 1), (0, 1)) if self.asymmetric_pad else ((1, 1), (1, 1))
+    return Conv(self.channels, 3, stride=2, padding=padding, name="conv",
+                dtype=self.dtype, param_dtype=self.param_dtype)(x)
+
+
+class Upsample(nn.Module):
+  """Nearest-neighbour x2 then a 3x3 conv."""
+  channels: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, H, W, C] -> [B, 2H, 2W, C]
+    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+    return Conv(self.channels, 3, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
