@@ -1,0 +1,124 @@
+"""Memory-mapped, validating safetensors reader and a small writer.
+
+Why not `safetensors.numpy`: it cannot return bfloat16 tensors, and a loader for files from the
+internet should check the header before trusting it. Here the header is validated in full (known
+dtypes, shapes that match their byte ranges, ranges inside the file and not overlapping) before any
+tensor is touched, and tensors are views of one read-only memory map, so importing a model needs
+little more memory than the parameters it produces.
+"""
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from typing import Mapping
+
+import ml_dtypes
+import numpy as np
+
+DTYPES = {
+    "F64": np.dtype("<f8"), "F32": np.dtype("<f4"), "F16": np.dtype("<f2"),
+    "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+}
+_NAMES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the format's own limit
+
+
+class SafetensorsError(ValueError):
+  """The file is not a valid safetensors file; nothing was read past its header."""
+
+
+class SafetensorsFile:
+  """`keys()`, `shape(key)`, `get_tensor(key)` over a validated, memory-mapped file."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = os.fspath(path)
+    size = os.path.getsize(self.path)
+    with open(self.path, "rb") as f:
+      head = f.read(8)
+      if len(head) < 8:
+        raise SafetensorsError(f"{self.path}: too short to be a safetensors file ({size} bytes)")
+      (n,) = struct.unpack("<Q", head)
+      if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise SafetensorsError(f"{self.path}: header length {n} exceeds the file ({size} bytes)")
+      try:
+        header = json.loads(f.read(n))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SafetensorsError(f"{self.path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+      raise SafetensorsError(f"{self.path}: header is not a JSON object")
+    self.metadata = header.pop("__metadata__", None) or {}
+    self._entries = {k: self._check_entry(k, v, size - 8 - n) for k, v in header.items()}
+    spans = sorted((b, e, k) for k, (_, _, b, e) in self._entries.items() if e > b)
+    for (_, end, k1), (begin, _, k2) in zip(spans, spans[1:]):
+      if begin < end:
+        raise SafetensorsError(f"{self.path}: tensors {k1!r} and {k2!r} overlap")
+    self._data_start = 8 + n
+    self._mmap = None
+    if size > self._data_start:
+      with open(self.path, "rb") as f:
+        self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+
+  def _check_entry(self, key, entry, data_size):
+    try:
+      dtype = DTYPES[entry["dtype"]]
+      shape = tuple(int(d) for d in entry["shape"])
+      begin, end = (int(o) for o in entry["data_offsets"])
+    except (KeyError, TypeError, ValueError):
+      raise SafetensorsError(f"{self.path}: malformed header entry for {key!r}: {entry!r}") from None
+    if any(d < 0 for d in shape) or not 0 <= begin <= end <= data_size:
+      raise SafetensorsError(f"{self.path}: {key!r} has offsets [{begin}, {end}) outside the data "
+                             f"({data_size} bytes) or a negative shape {shape}")
+    if math.prod(shape) * dtype.itemsize != end - begin:
+      raise SafetensorsError(f"{self.path}: {key!r} declares shape {shape} {entry['dtype']} "
+                             f"but spans {end - begin} bytes")
+    return dtype, shape, begin, end
+
+  def keys(self) -> list[str]:
+    return list(self._entries)
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._entries[key][1]
+
+  def get_tensor(self, key: str) -> np.ndarray:
+    """A read-only view into the memory map (no copy)."""
+    dtype, shape, begin, end = self._entries[key]
+    if end == begin:
+      return np.zeros(shape, dtype)
+    return np.frombuffer(self._mmap, dtype, count=math.prod(shape),
+                         offset=self._data_start + begin).reshape(shape)
+
+  def close(self):
+    self._entries = {}
+    if self._mmap is not None:
+      self._mmap.close()
+      self._mmap = None
+
+
+def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
+              metadata: Mapping[str, str] | None = None) -> None:
+  """Writes tensors (any dtype in DTYPES, bfloat16 included) as a safetensors file, atomically."""
+  header, offset, arrays = {}, 0, []
+  for key in sorted(tensors):
+    a = np.ascontiguousarray(tensors[key])
+    if a.dtype.newbyteorder("<") not in _NAMES and a.dtype not in _NAMES:
+      raise TypeError(f"{key}: dtype {a.dtype} cannot be stored in safetensors")
+    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
+    header[key] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
+                   "data_offsets": [offset, offset + a.nbytes]}
+    offset += a.nbytes
+    arrays.append(a)
+  if metadata:
+    header["__metadata__"] = dict(metadata)
+  blob = json.dumps(header, separators=(",", ":")).encode()
+  blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does
+  tmp = os.fspath(path) + ".tmp"
+  with open(tmp, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)))
+    f.write(blob)
+    for a in arrays:
+      f.write(a.tobytes())
+  os.replace(tmp, path)
