@@ -92,10 +92,9 @@ class SafetensorsFile:
                          offset=self._data_start + begin).reshape(shape)
 
   def close(self):
+    """Drops this handle's reference; the map itself closes once no tensor view uses it."""
     self._entries = {}
-    if self._mmap is not None:
-      self._mmap.close()
-      self._mmap = None
+    self._mmap = None
 
 
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
