@@ -112,7 +112,7 @@ def main(argv=None):
   for i, prompt in enumerate(tqdm(prompts, desc="prompts", unit="prompt", disable=len(prompts) == 1)):
     start = time.perf_counter()
     try:
-      images = pipe(prompt, args.negative, seed=args.seed + i, **kwargs)
+      images = pipe(prompt, args.negative, seed=args.seed + i, progress=True, **kwargs)
     except ValueError as e:
       fail(str(e))
     seconds = time.perf_counter() - start

@@ -158,11 +158,12 @@ class Pipeline:
                num_inference_steps: int = 20, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
                seed: int = 0, num_images: int = 1, height: int | None = None, width: int | None = None,
                latents: Any = None, image: Any = None, strength: float = 0.8, mask: Any = None,
-               guidance_rescale: float = 0.0, output_type: str = "uint8") -> np.ndarray:
+               guidance_rescale: float = 0.0, output_type: str = "uint8", progress: bool = False) -> np.ndarray:
     """Generates images: uint8 [N, H, W, 3] (or float in [0, 1] with output_type="np").
 
     One image per prompt times `num_images`. `latents` ([N, h, w, C] standard normal) replaces the
     seeded noise; `image` (+`strength`) starts from a picture; `mask` (1 = repaint) with `image` inpaints.
+    `progress=True` shows a per-step progress bar (a host callback per step).
     """
     self._require("tokenizer", "text_encoder", "vae", "unet")
     if sampler not in samplers.SAMPLERS:
@@ -227,19 +228,31 @@ class Pipeline:
     init_pixels = None if init is None else jnp.asarray(init, jnp.float32) / 127.5 - 1.0
 
     key = jax.random.key(seed)
-    run = self._program(sampler, num_inference_steps, use_cfg, guidance_rescale > 0, start_step, init is not None, mask is not None, plan)
+    run = self._program(sampler, num_inference_steps, use_cfg, guidance_rescale > 0, start_step,
+                        init is not None, mask is not None, plan, bool(progress))
     args = (self.params, cond, uncond, latents, key, init_pixels,
             None if mask_arr is None else jnp.asarray(mask_arr),
             jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
-    images = np.asarray(run(*_shard_batch(args, n)))[:n]
+    if progress:
+      from tqdm import tqdm
+      self._progress_bar = tqdm(total=num_inference_steps - start_step, desc="sampling", unit="step")
+    try:
+      images = np.asarray(run(*_shard_batch(args, n)))[:n]
+    finally:
+      if progress:
+        self._progress_bar.close()
     if output_type == "np":
       return images
     return np.round(images * 255).astype(np.uint8)
 
-  def _program(self, sampler, steps, use_cfg, rescale_on, start_step, has_init, has_mask, plan):
+  def _tick(self, _):
+    if getattr(self, "_progress_bar", None) is not None:
+      self._progress_bar.update(1)
+
+  def _program(self, sampler, steps, use_cfg, rescale_on, start_step, has_init, has_mask, plan, progress):
     """One jitted program (sampling loop + guidance + VAE decode) per static configuration."""
     use_rescale = use_cfg and rescale_on
-    key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask)
+    key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask, progress)
     if key in self._compiled:
       return self._compiled[key]
     scaling = self.configs["vae"].scaling_factor
@@ -255,6 +268,8 @@ class Pipeline:
         mean, _ = self.vae.apply({"params": params["vae"]}, init_pixels, method="encode")
         init_latents = mean * scaling
       post_step = samplers.inpaint_post_step(plan, init_latents, noise, mask) if has_mask else None
+      if progress:
+        post_step = _progress_hook(self._tick, post_step)
       latents = samplers.sample(sampler, model_fn, noise, plan, rng, start_step=start_step,
                                 init_latents=None if has_mask else init_latents, post_step=post_step)
       if has_mask:  # the last step lands on x0: paste the exact known latents
@@ -265,6 +280,14 @@ class Pipeline:
     compiled = jax.jit(run)
     self._compiled[key] = compiled
     return compiled
+
+
+def _progress_hook(tick, post_step):
+  """A post_step that reports each finished step to the host (the value dependency orders it after the step)."""
+  def hook(x, i):
+    jax.debug.callback(tick, x[0, 0, 0, 0])
+    return x if post_step is None else post_step(x, i)
+  return hook
 
 
 def _shard_batch(args, n: int):

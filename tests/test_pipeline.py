@@ -127,3 +127,64 @@ def test_mis_shaped_tensor_names_key_and_shapes(sd_dir, tmp_path):
     dj.Pipeline.from_pretrained(tmp_path)
   assert "conv_in.weight" in str(e.value) and "(5, 5, 4, 32)" in str(e.value) and "(3, 3, 4, 32)" in str(e.value)
   assert "conv_out/bias" in str(e.value)
+
+
+SHARD_SCRIPT = r"""
+import sys, numpy as np, diffusion_jax as dj, jax
+pipe = dj.Pipeline.from_pretrained(sys.argv[1])
+images = pipe(["a red cat", "a blue dog", "a green circle"], num_images=3, num_inference_steps=4,
+              sampler=sys.argv[3], seed=7, output_type="np")
+np.save(sys.argv[2], images)
+print(len(jax.devices()))
+"""
+
+
+@pytest.mark.parametrize("sampler", ["euler_a"])
+def test_eight_devices_give_the_images_of_one(sd_dir, tmp_path, sampler):
+  import subprocess
+  import sys
+  outs = []
+  for count in (1, 8):
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
+    out = tmp_path / f"{count}.npy"
+    res = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, sd_dir, str(out), sampler], env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == str(count)
+    outs.append(np.load(out))
+  assert outs[0].shape == (9, 16, 16, 3)  # 9 images: padded to 16 over 8 devices, then cut back
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_img2img_and_inpainting(sd_dir):
+  import diffusion_jax as dj
+  pipe = dj.Pipeline.from_pretrained(sd_dir)
+  init = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+  out = pipe("a cat", image=init, strength=0.5, num_inference_steps=4, sampler="ddim", output_type="np")
+  assert out.shape == (1, 16, 16, 3) and np.isfinite(out).all()
+  mean, _ = pipe.vae.apply({"params": pipe.params["vae"]}, init[None] / 127.5 - 1.0, method="encode")
+  roundtrip = np.clip(np.asarray(pipe.vae.apply({"params": pipe.params["vae"]}, mean, method="decode")) / 2 + 0.5, 0, 1)
+  # An empty mask keeps every latent of the init image: the output is its VAE round trip.
+  kept = pipe("a cat", image=init, mask=np.zeros((16, 16)), num_inference_steps=4, sampler="ddim",
+              output_type="np")
+  np.testing.assert_allclose(kept, roundtrip, atol=1e-5)
+  mask = np.zeros((16, 16), np.float32)
+  mask[:, :8] = 1
+  inpainted = pipe("a cat", image=init, mask=mask, num_inference_steps=4, sampler="ddim", output_type="np")
+  assert inpainted.shape == (1, 16, 16, 3) and np.abs(inpainted - roundtrip).max() > 0.05
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(sampler="plms"), "unknown sampler 'plms'; choose one of ddpm, ddim"),
+    (dict(height=15, width=16), "multiples of 2"),
+    (dict(mask=np.ones((16, 16))), "needs `image`"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8), mask=np.ones((8, 8))), "mask is 8x8 but the image is 16x16"),
+    (dict(image="/nonexistent.png"), "cannot read init image"),
+    (dict(latents=np.zeros((1, 4, 4, 4))), "latents must have shape"),
+    (dict(image=np.zeros((16, 16, 3), np.uint8), strength=0.0), "strength"),
+])
+def test_bad_input_is_a_clear_error(sd_dir, kwargs, message):
+  import diffusion_jax as dj
+  pipe = dj.Pipeline.from_pretrained(sd_dir)
+  with pytest.raises(ValueError, match=message):
+    pipe("a cat", num_inference_steps=2, **kwargs)
