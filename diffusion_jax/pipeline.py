@@ -101,7 +101,6 @@ class Pipeline:
     if "scheduler" in present:
       with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         scheduler = SchedulerConfig.from_dict(json.load(f))
-    params = jax.tree.map(jnp.asarray, params)
     return cls(tokenizer, modules.get("text_encoder"), modules.get("vae"), modules.get("unet"),
                params, scheduler, configs)
 

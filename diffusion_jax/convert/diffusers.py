@@ -97,7 +97,10 @@ def _open_tensors(files: list[str]) -> tuple[list[str], Callable[[str], np.ndarr
       state = state.get("state_dict", state)
       for k, v in state.items():
         where[k] = {k: v.float().numpy() if v.dtype.is_floating_point else v.numpy()}
-  return list(where), lambda k: where[k].get_tensor(k) if hasattr(where[k], "get_tensor") else where[k][k], handles
+  def get(key):
+    source = where[key]
+    return source.get_tensor(key, copy=True) if hasattr(source, "get_tensor") else source[key]
+  return list(where), get, handles
 
 
 def read_config(component_dir: str) -> dict:
@@ -107,7 +110,7 @@ def read_config(component_dir: str) -> dict:
 
 def load_component(directory: str, name: str, *, dtype=None, param_dtype=None,
                    allow_pickle: bool = False) -> tuple[Any, Any, dict]:
-  """Loads one network of a diffusers directory -> (config, flax module, params as numpy arrays)."""
+  """Loads one network of a diffusers directory -> (config, flax module, params as jax arrays)."""
   import jax.numpy as jnp
   spec = COMPONENTS[name]
   component_dir = os.path.join(directory, name)
@@ -116,7 +119,7 @@ def load_component(directory: str, name: str, *, dtype=None, param_dtype=None,
   target = abstract_params(name, module)
   names, get, handles = _open_tensors(_weight_files(component_dir, spec.weights_name, allow_pickle))
   try:
-    params = keymap.torch_to_flax(names, get, target, strip_prefix=spec.strip_prefix)
+    params = keymap.torch_to_flax(names, get, target, strip_prefix=spec.strip_prefix, convert=jnp.asarray)
   finally:
     for h in handles:
       h.close()

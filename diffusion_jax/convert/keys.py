@@ -96,10 +96,11 @@ def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
 
 
 def torch_to_flax(keys: Iterable[str], get_tensor: Callable[[str], np.ndarray], target: Mapping[str, Any], *,
-                  strip_prefix: str = "", dtype: Any = None) -> dict:
+                  strip_prefix: str = "", dtype: Any = None, convert: Callable[[np.ndarray], Any] | None = None) -> dict:
   """Builds Flax params shaped like `target` (a tree of arrays or ShapeDtypeStructs) from PyTorch tensors.
 
-  `get_tensor(key)` is called once per key, so memory-mapped files are read one tensor at a time.
+  `get_tensor(key)` is called once per key, so memory-mapped files are read one tensor at a time, and
+  `convert` (e.g. `jnp.asarray`) turns each tensor into its final array before the next is read.
   Raises WeightMismatchError naming every missing, unexpected or mis-shaped key.
   """
   expected = flatten(target)
@@ -121,7 +122,8 @@ def torch_to_flax(keys: Iterable[str], get_tensor: Callable[[str], np.ndarray], 
     if value.shape != want:
       mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {want} at {'/'.join(path)}")
       continue
-    out[path] = value.astype(dtype or expected[path].dtype, copy=False)
+    value = value.astype(dtype or expected[path].dtype, copy=False)
+    out[path] = convert(value) if convert is not None else value
   missing = ["/".join(p) for p in expected if p not in out]
   if unexpected or mismatched or missing:
     lines = []

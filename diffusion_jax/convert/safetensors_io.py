@@ -83,13 +83,28 @@ class SafetensorsFile:
   def shape(self, key: str) -> tuple[int, ...]:
     return self._entries[key][1]
 
-  def get_tensor(self, key: str) -> np.ndarray:
-    """A read-only view into the memory map (no copy)."""
+  def get_tensor(self, key: str, copy: bool = False) -> np.ndarray:
+    """A read-only view into the memory map, or with `copy=True` a copy whose pages are then released.
+
+    Releasing the pages keeps a whole-model import near one copy of the weights in resident memory
+    instead of two (the mapped file plus the arrays made from it).
+    """
     dtype, shape, begin, end = self._entries[key]
     if end == begin:
       return np.zeros(shape, dtype)
-    return np.frombuffer(self._mmap, dtype, count=math.prod(shape),
+    view = np.frombuffer(self._mmap, dtype, count=math.prod(shape),
                          offset=self._data_start + begin).reshape(shape)
+    if not copy:
+      return view
+    out = np.array(view)
+    del view
+    if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+      start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+      try:
+        self._mmap.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+      except OSError:  # purely an optimisation
+        pass
+    return out
 
   def close(self):
     """Drops this handle's reference; the map itself closes once no tensor view uses it."""
