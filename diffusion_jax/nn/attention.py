@@ -22,15 +22,16 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
 
 
 class Attention(nn.Module):
-  """Multi-head (cross-)attention with to_q/to_k/to_v/to_out_0 projections."""
+  """Multi-head (cross-)attention with to_q/to_k/to_v/to_out_0 projections (dropout after to_out_0)."""
   heads: int
   dim_head: int
   qkv_bias: bool = False
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context=None):  # [B, T, C], [B, L, D] -> [B, T, C]
+  def __call__(self, x, context=None, deterministic: bool = True):  # [B, T, C], [B, L, D] -> [B, T, C]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     inner = self.heads * self.dim_head
     context = x if context is None else context
@@ -38,7 +39,8 @@ class Attention(nn.Module):
     k = Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context)
     v = Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context)
     out = multi_head_attention(q, k, v, self.heads)
-    return Dense(x.shape[-1], name="to_out_0", **kw)(out)
+    out = Dense(x.shape[-1], name="to_out_0", **kw)(out)
+    return nn.Dropout(self.dropout, deterministic=deterministic)(out)
 
 
 class GEGLU(nn.Module):
@@ -55,15 +57,17 @@ class GEGLU(nn.Module):
 
 
 class FeedForward(nn.Module):
-  """GEGLU feed-forward, 4x wide; submodule names match the reference `ff.net.{0,2}`."""
+  """GEGLU feed-forward, 4x wide; submodule names match the reference `ff.net.{0,2}` (net.1 is dropout)."""
   mult: int = 4
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x):  # [B, T, C] -> [B, T, C]
+  def __call__(self, x, deterministic: bool = True):  # [B, T, C] -> [B, T, C]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = GEGLU(x.shape[-1] * self.mult, name="net_0", **kw)(x)
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     return Dense(x.shape[-1], name="net_2", **kw)(h)
 
 
@@ -71,15 +75,18 @@ class TransformerBlock(nn.Module):
   """Pre-LN self-attention, cross-attention to the text, GEGLU feed-forward; residual after each."""
   heads: int
   dim_head: int
+  dropout: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context):  # [B, T, C], [B, L, D] -> [B, T, C]
+  def __call__(self, x, context, deterministic: bool = True):  # [B, T, C], [B, L, D] -> [B, T, C]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    x = x + Attention(self.heads, self.dim_head, name="attn1", **kw)(LayerNorm(name="norm1", **kw)(x))
-    x = x + Attention(self.heads, self.dim_head, name="attn2", **kw)(LayerNorm(name="norm2", **kw)(x), context)
-    return x + FeedForward(name="ff", **kw)(LayerNorm(name="norm3", **kw)(x))
+    attn = dict(heads=self.heads, dim_head=self.dim_head, dropout=self.dropout, **kw)
+    x = x + Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x), None, deterministic)
+    x = x + Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context, deterministic)
+    ff = FeedForward(dropout=self.dropout, name="ff", **kw)
+    return x + ff(LayerNorm(name="norm3", **kw)(x), deterministic)
 
 
 class SpatialTransformer(nn.Module):
@@ -89,12 +96,13 @@ class SpatialTransformer(nn.Module):
   depth: int = 1
   use_linear_projection: bool = False
   groups: int = 32
+  dropout: float = 0.0
   remat: bool = False
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x, context):  # [B, H, W, C], [B, L, D] -> [B, H, W, C]
+  def __call__(self, x, context, deterministic: bool = True):  # [B, H, W, C], [B, L, D] -> [B, H, W, C]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, h, w, c = x.shape
     inner = self.heads * self.dim_head
@@ -104,9 +112,11 @@ class SpatialTransformer(nn.Module):
       x = Dense(inner, name="proj_in", **kw)(x.reshape(b, h * w, c))  # [B, HW, inner]
     else:
       x = Conv(inner, 1, name="proj_in", **kw)(x).reshape(b, h * w, inner)  # [B, HW, inner]
-    block_cls = nn.remat(TransformerBlock) if self.remat else TransformerBlock
+    # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
+    block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
     for i in range(self.depth):
-      x = block_cls(self.heads, self.dim_head, name=f"transformer_blocks_{i}", **kw)(x, context)
+      block = block_cls(self.heads, self.dim_head, self.dropout, name=f"transformer_blocks_{i}", **kw)
+      x = block(x, context, deterministic)
     if self.use_linear_projection:
       x = Dense(c, name="proj_out", **kw)(x).reshape(b, h, w, c)
     else:
