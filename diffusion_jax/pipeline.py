@@ -18,18 +18,23 @@ from diffusion_jax.diffusion.schedules import SchedulerConfig
 from diffusion_jax.tokenizer import CLIPTokenizer
 
 
-def _to_rgb_array(image, name: str) -> np.ndarray:
-  """uint8 [N, H, W, 3] from a PIL image, a path, or an array (uint8 or float in [0, 1])."""
+def _as_array(image, mode: str, name: str) -> np.ndarray:
+  """A path or PIL image -> array in PIL `mode` ("RGB" or "L"); arrays pass through."""
   from PIL import Image
   if isinstance(image, (str, os.PathLike)):
     try:
       with Image.open(image) as im:
-        image = im.convert("RGB")
+        return np.asarray(im.convert(mode))
     except (OSError, ValueError) as e:
       raise ValueError(f"cannot read {name} {os.fspath(image)!r}: {e}") from None
   if isinstance(image, Image.Image):
-    image = np.asarray(image.convert("RGB"))
-  image = np.asarray(image)
+    return np.asarray(image.convert(mode))
+  return np.asarray(image)
+
+
+def _to_rgb_array(image, name: str) -> np.ndarray:
+  """uint8 [N, H, W, 3] from a PIL image, a path, or an array (uint8 or float in [0, 1])."""
+  image = _as_array(image, "RGB", name)
   if image.dtype != np.uint8:
     image = np.round(np.clip(image.astype(np.float32), 0, 1) * 255).astype(np.uint8)
   if image.ndim == 3:
@@ -41,16 +46,7 @@ def _to_rgb_array(image, name: str) -> np.ndarray:
 
 def _to_mask_array(mask, name: str = "mask") -> np.ndarray:
   """float32 [N, H, W] in {0, 1} (1 = repaint) from a PIL image, a path or an array."""
-  from PIL import Image
-  if isinstance(mask, (str, os.PathLike)):
-    try:
-      with Image.open(mask) as im:
-        mask = im.convert("L")
-    except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read {name} {os.fspath(mask)!r}: {e}") from None
-  if isinstance(mask, Image.Image):
-    mask = np.asarray(mask.convert("L"))
-  mask = np.asarray(mask)
+  mask = _as_array(mask, "L", name)
   if mask.ndim == 4:
     mask = mask[..., 0]
   if mask.ndim == 2:
