@@ -188,3 +188,12 @@ def test_bad_input_is_a_clear_error(sd_dir, kwargs, message):
   pipe = dj.Pipeline.from_pretrained(sd_dir)
   with pytest.raises(ValueError, match=message):
     pipe("a cat", num_inference_steps=2, **kwargs)
+
+
+def test_over_long_prompt_is_truncated_with_a_warning(sd_dir):
+  import diffusion_jax as dj
+  pipe = dj.Pipeline.from_pretrained(sd_dir)
+  long_prompt = " ".join(["red cat"] * 60)
+  with pytest.warns(UserWarning, match="truncat"):
+    context = pipe.encode_prompt([long_prompt])
+  assert context.shape == (1, 77, 32)
