@@ -194,6 +194,6 @@ def test_over_long_prompt_is_truncated_with_a_warning(sd_dir):
   import diffusion_jax as dj
   pipe = dj.Pipeline.from_pretrained(sd_dir)
   long_prompt = " ".join(["red cat"] * 60)
-  with pytest.warns(UserWarning, match="truncat"):
+  with pytest.warns(UserWarning, match="Truncated 1 text"):
     context = pipe.encode_prompt([long_prompt])
   assert context.shape == (1, 77, 32)
