@@ -1,0 +1,1 @@
+"""Training configurations (ml_collections): `python train.py --config configs/<name>.py`."""

@@ -1,0 +1,142 @@
+"""The default run: autoencoder, CLIP and text-conditioned UNet on the built-in `shapes` data.
+
+Sized for a 2-core CPU: the three stages together (data generation included) take about 20 minutes
+and reach about 30 dB reconstruction PSNR, 95% zero-shot colour+shape accuracy and 80% colour and
+shape agreement of 20-step dpmpp_2m samples with their captions (see the report in README).
+
+  python train.py                                   # this config, into runs/default
+  python train.py --config configs/default.py --workdir runs/mine --config.diffusion.steps 6000
+  python sample.py "a large red circle on the left" # draws with runs/default/model
+
+Every other config starts from this one and overrides what differs.
+"""
+import ml_collections
+from ml_collections import config_dict
+
+
+def training(*, steps: int, batch_size: int, learning_rate: float, warmup_steps: int, eval_every: int = 0,
+             checkpoint_every: int = 500, log_every: int = 50, ema_decay: float | None = None,
+             weight_decay: float = 0.0) -> ml_collections.ConfigDict:
+  """The fields every stage shares: length, batch, optimizer and intervals."""
+  c = ml_collections.ConfigDict()
+  c.steps = steps  # optimizer steps of the stage
+  c.batch_size = batch_size  # global batch: all processes, devices and micro-batches together
+  c.microbatches = 1  # gradient accumulation: the batch runs as this many sequential micro-batches
+  c.learning_rate = learning_rate  # peak AdamW learning rate
+  c.warmup_steps = warmup_steps  # linear warmup from 0, then cosine decay to end_lr_factor * learning_rate
+  c.end_lr_factor = 0.05  # final learning rate as a fraction of the peak
+  c.weight_decay = weight_decay  # decoupled weight decay on matrices and conv kernels
+  c.b1 = 0.9  # Adam's first-moment decay
+  c.b2 = 0.99  # Adam's second-moment decay
+  c.eps = 1e-8  # Adam's epsilon
+  c.grad_clip_norm = 1.0  # clip the global gradient norm to this (<= 0: no clipping)
+  if ema_decay is not None:
+    c.ema_decay = ema_decay  # EMA of the weights (0: off), used for sampling and export
+  c.log_every = log_every  # steps between lines of metrics.jsonl / TensorBoard points
+  c.eval_every = eval_every  # steps between evaluations (0: only at the end of the stage)
+  c.checkpoint_every = checkpoint_every  # steps between checkpoints (the stage's last step always saves)
+  return c
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0  # seeds initialisation, data order and every random draw of training
+  config.stages = ("autoencoder", "clip", "diffusion")  # trained in this order; finished stages are skipped
+  config.dtype = "float32"  # compute dtype ("bfloat16" on GPU/TPU); parameters and optimizer state stay float32
+  config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1})  # device mesh; -1 takes the other devices
+  config.max_consecutive_nonfinite = 5  # stop after this many steps in a row with a non-finite loss/gradient
+  config.keep_checkpoints = 2  # newest checkpoints kept in <workdir>/checkpoints
+  config.compilation_cache_dir = "~/.cache/diffusion_jax/xla"  # XLA's persistent cache ("" disables it)
+
+  config.debug = ml_collections.ConfigDict()
+  config.debug.nan_stage = ""  # feed NaN inputs in this stage (tests the non-finite guard) ...
+  config.debug.nan_from_step = -1  # ... from this step of the stage ...
+  config.debug.nan_steps = 0  # ... for this many steps
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "shapes"  # "shapes", "image_folder" or "tfds:<name>[/<config>][:<version>]"
+  config.data.data_dir = config_dict.placeholder(str)  # TFDS data directory (None: ~/tensorflow_datasets)
+  config.data.image_size = 64  # images are resized and centre-cropped to this side
+  config.data.train_size = 50_000  # shapes: training examples generated
+  config.data.test_size = 2_000  # shapes: test examples generated
+  config.data.worker_count = 0  # grain worker processes (0: threads of the training process)
+
+  # Stage 1: the autoencoder. 64x64x3 images <-> 16x16x4 latents.
+  config.autoencoder = training(steps=1200, batch_size=32, learning_rate=4e-3, warmup_steps=50)
+  ae = config.autoencoder
+  ae.model = ml_collections.ConfigDict()
+  ae.model.block_out_channels = (16, 32, 32)  # widths per level; latents are 2**(levels-1) times smaller
+  ae.model.layers_per_block = 1  # resnets per encoder level (the decoder has one more)
+  ae.model.latent_channels = 4  # channels of the latent
+  ae.model.norm_num_groups = 8  # GroupNorm groups
+  ae.model.mid_block_attention = True  # self-attention in the middle blocks
+  ae.model.remat = False  # rematerialise resnets in the backward pass (memory for compute)
+  ae.crop_size = 32  # train on random crops of this side (0: whole images); evaluation uses whole images
+  ae.l1_weight = 1.0  # weight of the mean absolute reconstruction error
+  ae.l2_weight = 1.0  # weight of the mean squared reconstruction error
+  ae.kl_weight = 1e-6  # weight of KL(posterior || N(0, I)) per image element (latent diffusion's 1e-6)
+  ae.eval_examples = 500  # test images whose reconstruction PSNR is reported
+  ae.eval_batch_size = 100  # images per evaluation batch
+
+  # Stage 2: CLIP. Word-level tokens, a small ViT on 8x8 patches.
+  config.clip = training(steps=500, batch_size=128, learning_rate=2e-3, warmup_steps=50, weight_decay=0.01)
+  cl = config.clip
+  cl.tokenizer = "shapes_words"  # "shapes_words" (one token per word of the captions) or a tokenizer directory
+  cl.max_length = 16  # tokens per caption, begin and end tokens included
+  cl.model = ml_collections.ConfigDict()
+  cl.model.text_width = 64  # text transformer width (the UNet's cross-attention width)
+  cl.model.text_layers = 2  # text transformer blocks
+  cl.model.text_heads = 2  # text attention heads
+  cl.model.vision_width = 64  # vision transformer width
+  cl.model.vision_layers = 2  # vision transformer blocks
+  cl.model.vision_heads = 2  # vision attention heads
+  cl.model.patch_size = 8  # ViT patch side in pixels
+  cl.model.mlp_ratio = 4  # MLP width / model width in both towers
+  cl.model.projection_dim = 64  # width of the shared embedding space
+  cl.model.remat = False  # rematerialise the transformer blocks in the backward pass
+  cl.model.logit_scale_init = 2.6592  # log(1 / 0.07); the temperature exp(logit_scale) is clamped at 100
+  cl.zero_shot_templates = "captions"  # class prompts: "captions" (all single-object forms) or "short"
+  cl.eval_examples = 1000  # test examples for zero-shot (the single-object ones) and retrieval
+  cl.eval_batch_size = 250  # examples per evaluation batch
+
+  # Stage 3: the UNet on 16x16x4 latents, conditioned on the CLIP text tower's last hidden states.
+  config.diffusion = training(steps=1000, batch_size=64, learning_rate=2e-3, warmup_steps=50, ema_decay=0.995,
+                              checkpoint_every=500)
+  d = config.diffusion
+  d.init_from = config_dict.placeholder(str)  # a diffusers-format SD directory to fine-tune (VAE, text, UNet)
+  d.prediction_type = "epsilon"  # "epsilon" or "v_prediction" ("" with init_from: the directory's)
+  d.min_snr_gamma = 5.0  # min-SNR-gamma loss weighting (0: plain MSE)
+  d.caption_dropout = 0.1  # probability of training on the empty caption (classifier-free guidance)
+  d.cache = True  # encode the training images and captions once instead of at every step
+  d.cache_examples = 10_000  # training examples cached (-1: all)
+  d.encode_batch_size = 250  # images per batch when encoding the cache
+  d.scaling_examples = 500  # training images whose latent std sets the VAE's scaling factor
+  d.export_every_checkpoint = True  # also export <workdir>/model at each checkpoint (not only at the end)
+  d.unet = ml_collections.ConfigDict()
+  d.unet.block_out_channels = (32, 64, 64)  # widths per level: 16x16, 8x8, 4x4
+  d.unet.layers_per_block = 1  # resnets per down block (up blocks have one more)
+  # Cross-attention at 8x8 and 4x4 only: attention over all 256 positions at 16x16 would double the step time.
+  d.unet.down_block_types = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D")  # one per level
+  d.unet.up_block_types = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")  # deepest first
+  d.unet.attention_head_dim = 4  # attention heads per block (diffusers' legacy name)
+  d.unet.transformer_layers_per_block = 1  # transformer blocks per attention block
+  d.unet.norm_num_groups = 16  # GroupNorm groups
+  d.unet.use_linear_projection = False  # linear (SD 2) rather than 1x1 conv (SD 1) transformer projections
+  d.unet.remat = "none"  # rematerialisation: "none", "transformer", "resnet_and_transformer" or a policy name
+  d.scheduler = ml_collections.ConfigDict()
+  d.scheduler.num_train_timesteps = 1000  # training timesteps T
+  d.scheduler.beta_schedule = "scaled_linear"  # "linear", "scaled_linear" or "squaredcos_cap_v2"
+  d.scheduler.beta_start = 0.00085  # beta at t = 0
+  d.scheduler.beta_end = 0.012  # beta at t = T - 1
+  d.scheduler.timestep_spacing = "leading"  # inference timestep spacing written to the exported scheduler
+  d.scheduler.steps_offset = 1  # added to "leading" timesteps
+  d.scheduler.rescale_betas_zero_snr = False  # rescale to zero terminal SNR (use with v_prediction)
+  d.scheduler.class_name = "DPMSolverMultistepScheduler"  # scheduler class named in the export
+  d.sample = ml_collections.ConfigDict()
+  d.sample.sampler = "dpmpp_2m"  # sampler of the evaluation
+  d.sample.steps = 20  # sampling steps
+  d.sample.guidance_scale = 4.0  # classifier-free guidance scale
+  d.sample.seed = 0  # seed of the initial noise
+  d.sample.eval_examples = 256  # test captions sampled and scored (alternately one and two objects)
+  d.sample.grid_examples = 32  # samples in the PNG grid
+  return config
