@@ -95,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
   cl.model.projection_dim = 64  # width of the shared embedding space
   cl.model.remat = False  # rematerialise the transformer blocks in the backward pass
   cl.model.logit_scale_init = 2.6592  # log(1 / 0.07); the temperature exp(logit_scale) is clamped at 100
+  cl.max_objects = 1  # train on examples with at most this many objects (0: all); see diffusion_jax/train/clip.py
+  cl.mask_duplicate_captions = True  # pairs with identical captions are not negatives of each other
   cl.zero_shot_templates = "captions"  # class prompts: "captions" (all single-object forms) or "short"
   cl.eval_examples = 1000  # test examples for zero-shot (the single-object ones) and retrieval
   cl.eval_batch_size = 250  # examples per evaluation batch

@@ -1,6 +1,8 @@
 """Attention, GEGLU feed-forward, the transformer block and the spatial transformer of the UNet."""
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,8 +10,17 @@ import jax.numpy as jnp
 from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm
 
 
+# Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches: measured best among
+# 2^16..2^22 on SD-sized shapes, about 3x faster than one [B, N, T, S] softmax in memory.
+CPU_TILE_ELEMENTS = 1 << 20
+
+
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False):
-  """Scaled dot-product attention on [B, T, heads*Dh] projections, through `jax.nn.dot_product_attention`."""
+  """Scaled dot-product attention on [B, T, heads*Dh] projections.
+
+  On the CPU, unmasked attention runs tile by tile (`tiled_attention`); elsewhere, and with a mask,
+  through `jax.nn.dot_product_attention`.
+  """
   b, tq, inner = q.shape
   tk = k.shape[1]
   dh = inner // heads
@@ -17,8 +28,114 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
   q = q.reshape(b, tq, heads, dh)
   k = k.reshape(b, tk, heads, dh)
   v = v.reshape(b, tk, heads, dh)
-  out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
+  if mask is None and not is_causal and jax.default_backend() == "cpu":
+    out = tiled_attention(q, k, v)
+  else:
+    out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return out.reshape(b, tq, inner)  # [B, T, C]
+
+
+def tiled_attention(q, k, v, tile_elements: int = CPU_TILE_ELEMENTS):
+  """softmax(q k^T / sqrt(Dh)) v over [B, T, N, Dh] / [B, S, N, Dh], one cache-sized tile at a time.
+
+  Each tile holds all S keys for `chunk` queries of `group` (batch, head) pairs, so its softmax is
+  exact (no online rescaling); scores and probabilities are float32. The backward pass recomputes the
+  probabilities from the saved log-sum-exp (as flash attention does) instead of storing [B, N, T, S].
+  """
+  b, t, n, dh = q.shape
+  # [B, T, N, Dh] -> [B*N, T, Dh]
+  qp, kp, vp = (jnp.swapaxes(x, 1, 2).reshape(b * n, x.shape[1], dh) for x in (q, k, v))
+  out = _tiled_attention(qp, kp, vp, tile_elements)
+  return jnp.swapaxes(out.reshape(b, n, t, dh), 1, 2)  # [B, T, N, Dh]
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+  limit = max(1, min(n, limit))
+  return max(d for d in range(1, limit + 1) if n % d == 0)
+
+
+def _tiling(num_pairs: int, tq: int, tk: int, tile_elements: int) -> tuple[int, int]:
+  """(pairs per tile, queries per tile) so that a tile's [group, chunk, S] scores fit `tile_elements`."""
+  chunk = _largest_divisor(tq, tile_elements // tk)
+  group = _largest_divisor(num_pairs, tile_elements // (chunk * tk)) if chunk == tq else 1
+  return group, chunk
+
+
+def _to_tiles(x, group: int, chunk: int):  # [P, T, Dh] -> [P/g, T/c, g, c, Dh]
+  p, t, dh = x.shape
+  return x.reshape(p // group, group, t // chunk, chunk, dh).transpose(0, 2, 1, 3, 4)
+
+
+def _from_tiles(x):  # [P/g, T/c, g, c, Dh] -> [P, T, Dh]
+  pg, tc, g, c, dh = x.shape
+  return x.transpose(0, 2, 1, 3, 4).reshape(pg * g, tc * c, dh)
+
+
+def _tile_forward(q, k, v):  # [g, c, Dh], [g, S, Dh] -> out [g, c, Dh], log-sum-exp [g, c, 1]
+  s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.exp(s - m)
+  denom = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("gqk,gkd->gqd", p.astype(v.dtype), v, preferred_element_type=jnp.float32) / denom
+  return out.astype(q.dtype), m + jnp.log(denom)
+
+
+def _tile_backward(q, k, v, out, lse, d_out):  # -> dq [g, c, Dh], dk^T and dv^T [g, Dh, S] (float32)
+  scale = q.shape[-1] ** -0.5
+  p = jnp.exp(jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale - lse)
+  # dk^T and dv^T rather than dk and dv: the [c, S] matrix then sits on the right of the product, in
+  # the layout the CPU matmul kernels take directly (the transposed form is 2-3x slower).
+  dv_t = jnp.einsum("gqd,gqk->gdk", d_out, p.astype(d_out.dtype), preferred_element_type=jnp.float32)
+  dp = jnp.einsum("gqd,gkd->gqk", d_out, v, preferred_element_type=jnp.float32)
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  ds = (p * (dp - delta) * scale).astype(q.dtype)
+  dq = jnp.einsum("gqk,gkd->gqd", ds, k, preferred_element_type=jnp.float32)
+  dk_t = jnp.einsum("gqd,gqk->gdk", q, ds, preferred_element_type=jnp.float32)
+  return dq, dk_t, dv_t
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _tiled_attention(q, k, v, tile_elements):  # [P, T, Dh], [P, S, Dh] -> [P, T, Dh]
+  return _tiled_attention_fwd(q, k, v, tile_elements)[0]
+
+
+def _tiled_attention_fwd(q, k, v, tile_elements):
+  group, chunk = _tiling(q.shape[0], q.shape[1], k.shape[1], tile_elements)
+  k_groups, v_groups = (x.reshape(-1, group, *x.shape[1:]) for x in (k, v))  # [P/g, g, S, Dh]
+
+  def per_group(args):
+    q_chunks, k_group, v_group = args
+    return jax.lax.map(lambda q_chunk: _tile_forward(q_chunk, k_group, v_group), q_chunks)
+
+  out, lse = jax.lax.map(per_group, (_to_tiles(q, group, chunk), k_groups, v_groups))
+  return _from_tiles(out), (q, k, v, out, lse)
+
+
+def _tiled_attention_bwd(tile_elements, residuals, d_out):
+  q, k, v, out, lse = residuals
+  group, chunk = _tiling(q.shape[0], q.shape[1], k.shape[1], tile_elements)
+  k_groups, v_groups = (x.reshape(-1, group, *x.shape[1:]) for x in (k, v))
+
+  def per_group(args):
+    q_chunks, k_group, v_group, out_chunks, lse_chunks, d_out_chunks = args
+
+    def per_chunk(acc, chunk_args):  # accumulates dk^T, dv^T over the query chunks
+      q_chunk, out_chunk, lse_chunk, d_out_chunk = chunk_args
+      dq, dk_t, dv_t = _tile_backward(q_chunk, k_group, v_group, out_chunk, lse_chunk, d_out_chunk)
+      return (acc[0] + dk_t, acc[1] + dv_t), dq
+
+    zeros = jnp.zeros((group, k.shape[-1], k.shape[1]), jnp.float32)  # [g, Dh, S]
+    (dk_t, dv_t), dq = jax.lax.scan(per_chunk, (zeros, zeros), (q_chunks, out_chunks, lse_chunks, d_out_chunks))
+    return dq, dk_t, dv_t
+
+  dq, dk_t, dv_t = jax.lax.map(per_group, (_to_tiles(q, group, chunk), k_groups, v_groups, out, lse,
+                                           _to_tiles(d_out, group, chunk)))
+  dk = jnp.swapaxes(dk_t, -1, -2).reshape(k.shape)  # [P/g, g, Dh, S] -> [P, S, Dh]
+  dv = jnp.swapaxes(dv_t, -1, -2).reshape(v.shape)
+  return _from_tiles(dq).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+_tiled_attention.defvjp(_tiled_attention_fwd, _tiled_attention_bwd)
 
 
 class Attention(nn.Module):

@@ -1,6 +1,9 @@
 """Stage "clip": a two-tower CLIP trained with the symmetric InfoNCE loss and a learned temperature.
 
-The temperature starts at 1/0.07 and is clamped at 100 (inside `CLIP`). Micro-batching
+The temperature starts at 1/0.07 and is clamped at 100 (inside `CLIP`). Pairs whose captions
+repeat within a batch are not counted as negatives (`mask_duplicate_pairs`), and on `shapes` the
+stage can train on single-object examples only (`max_objects`): with one object per caption the
+contrast rewards shape as soon as colour is learned, which two-object captions dilute. Micro-batching
 (`microbatches` > 1) contrasts each micro-batch on its own, so it changes the loss (fewer
 negatives per example) rather than only splitting its computation.
 
@@ -68,11 +71,50 @@ def init_fn(model: clip_lib.CLIP):
   return init
 
 
-def make_loss(model: clip_lib.CLIP):
-  """`loss_fn(params, frozen, batch)`; batch: image [B, H, W, 3] in [-1, 1], tokens [B, L]."""
+class Subset:
+  """The records of `source` at `indices`, as a random-access source."""
+
+  def __init__(self, source, indices):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> dict:
+    return self.source[int(self.indices[i])]
+
+
+def max_objects_subset(source, split: str, max_objects: int) -> Subset:
+  """The `shapes` examples of `split` with at most `max_objects` objects.
+
+  Record i of a `shapes` split is `shapes.sample_scene(split, i)` rendered, so the object counts
+  come from the scene descriptions without reading any image.
+  """
+  keep = [i for i in range(len(source)) if shapes.sample_scene(split, i).spec.num_objects <= max_objects]
+  return Subset(source, keep)
+
+
+def mask_duplicate_pairs(logits_per_text: jax.Array, tokens: jax.Array) -> jax.Array:
+  """Removes pairs whose captions are identical (but are not the matching pair) from the contrast.
+
+  Small caption vocabularies repeat captions within a batch; an image whose caption equals the
+  anchor's is not a negative, so it is taken out of both softmaxes (its logit set very low).
+  """
+  same = jnp.all(tokens[:, None, :] == tokens[None, :, :], axis=-1)  # [B, B]
+  duplicate = same & ~jnp.eye(tokens.shape[0], dtype=bool)
+  return jnp.where(duplicate, jnp.float32(-1e9), logits_per_text.astype(jnp.float32))
+
+
+def make_loss(model: clip_lib.CLIP, mask_duplicates: bool = True):
+  """`loss_fn(params, frozen, batch)`; batch: image [B, H, W, 3] in [-1, 1], tokens [B, L].
+
+  The symmetric InfoNCE over the batch, without the pairs of repeated captions when `mask_duplicates`.
+  """
   def loss_fn(params, frozen, batch):
     del frozen
     _, logits_per_text = model.apply({"params": params}, batch["tokens"], batch["image"])  # [B, B]
+    if mask_duplicates:
+      logits_per_text = mask_duplicate_pairs(logits_per_text, batch["tokens"])
     loss = clip_lib.contrastive_loss(logits_per_text)
     labels = jnp.arange(logits_per_text.shape[0])
     accuracy = jnp.mean((jnp.argmax(logits_per_text, axis=-1) == labels).astype(jnp.float32))

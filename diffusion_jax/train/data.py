@@ -21,7 +21,7 @@ def source(config: Any, split: str = "train"):
 def train_iterator(config: Any, stage_cfg: Any, *, seed: int, tokenizer=None, records=None):
   """An endless, shuffled grain iterator of this process's share of each global batch.
 
-  `records` replaces the configured source (the diffusion stage's cached latents).
+  `records` replaces the configured source (the diffusion stage's cached latents, a subset).
   Images come as float32 in [-1, 1]; with a tokenizer, captions also as "tokens".
   """
   if records is None:

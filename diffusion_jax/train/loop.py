@@ -283,7 +283,8 @@ def init_or_restore(run: Run, stage: Stage, index: int, iterator) -> tuple[state
         ema_params=items.get(f"{stage.component}_ema"), frozen=stage.frozen,
     ).with_counters(items[f"{stage.component}_counters"])
     state = jax.device_put(state, shardings)
-    train_rng = restored.rng
+    # The key comes back on a mesh of its own; the step function wants it on this run's mesh.
+    train_rng = jax.device_put(restored.rng, replicated)
     start = int(jax.device_get(state.step))
   else:
     if stage.initial_params is not None:
@@ -354,15 +355,8 @@ def train(run: Run, stage: Stage, state: state_lib.TrainState, compiled: Compile
     else:
       timed_steps += 1
     window.append(metrics)
-    if int(metrics["nonfinite_consecutive"]) >= max_nonfinite:
-      bar.close()
-      run.checkpointer.wait()
-      kept = run.checkpointer.latest_step()
-      where = f"the checkpoint at step {kept} is kept" if kept is not None else "no checkpoint was written"
-      raise NonFiniteError(
-          f"stage {stage.name}: loss or gradients not finite for {max_nonfinite} consecutive steps "
-          f"(stage steps {done - max_nonfinite + 1}-{done}); stopping, {where} (parameters from before the fault)")
-    if done % log_every == 0 or done == steps:
+    stop = int(metrics["nonfinite_consecutive"]) >= max_nonfinite
+    if done % log_every == 0 or done == steps or stop:
       logged = _mean(window)
       logged.update(learning_rate=float(schedule(done - 1)), skipped=float(np.sum([m["skipped"] for m in window])),
                     nonfinite_total=float(metrics["nonfinite_total"]))
@@ -371,6 +365,14 @@ def train(run: Run, stage: Stage, state: state_lib.TrainState, compiled: Compile
       run.writer.scalars(stage.name, offset + done, logged)
       bar.set_postfix(loss=f"{logged['loss']:.4g}")
       window = []
+    if stop:
+      bar.close()
+      run.checkpointer.wait()
+      kept = run.checkpointer.latest_step()
+      where = f"the checkpoint at step {kept} is kept" if kept is not None else "no checkpoint was written"
+      raise NonFiniteError(
+          f"stage {stage.name}: loss or gradients not finite for {max_nonfinite} consecutive steps "
+          f"(stage steps {done - max_nonfinite + 1}-{done}); stopping, {where} (parameters from before the fault)")
     if stage.evaluate is not None and eval_every > 0 and done % eval_every == 0 and done != steps:
       t_eval = time.perf_counter()
       evaluated = stage.evaluate(state, offset + done, False)

@@ -70,14 +70,21 @@ def build_clip(run: Run, carried: dict) -> Stage:
   records = _test_records(config, cfg.eval_examples)
   encoders = clip_stage.make_encoders(model)
 
+  def train_records():
+    records = data_lib.source(config, "train")
+    if int(cfg.max_objects) > 0:
+      records = clip_stage.max_objects_subset(records, "train", int(cfg.max_objects))
+    return records
+
   def evaluate(state, step, final):
     return clip_stage.evaluate(encoders, state.params, tokenizer, records, run.mesh,
                                batch_size=int(cfg.eval_batch_size), templates=cfg.zero_shot_templates)
 
   return Stage(
       name="clip", component=clip_stage.COMPONENT, cfg=cfg, init_fn=clip_stage.init_fn(model),
-      loss_fn=clip_stage.make_loss(model), batch_fields=("image", "tokens"),
-      make_iterator=lambda: data_lib.train_iterator(config, cfg, seed=_seed(config, "clip"), tokenizer=tokenizer),
+      loss_fn=clip_stage.make_loss(model, bool(cfg.mask_duplicate_captions)), batch_fields=("image", "tokens"),
+      make_iterator=lambda: data_lib.train_iterator(config, cfg, seed=_seed(config, "clip"), tokenizer=tokenizer,
+                                                    records=train_records()),
       frozen=None, evaluate=evaluate, outputs=lambda state: {clip_stage.COMPONENT: state.params})
 
 

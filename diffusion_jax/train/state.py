@@ -54,8 +54,3 @@ def ema_decay(step: jax.Array, decay: float) -> jax.Array:
 def ema_update(ema: Any, params: Any, decay: jax.Array) -> Any:
   """ema <- decay * ema + (1 - decay) * params, leaf by leaf."""
   return jax.tree.map(lambda e, p: e + (1.0 - decay) * (p.astype(e.dtype) - e), ema, params)
-
-
-def select(pred: jax.Array, on_true: Any, on_false: Any) -> Any:
-  """`on_true` where the scalar `pred` holds, else `on_false`, for whole pytrees."""
-  return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)

@@ -72,6 +72,8 @@ def check(config: Any) -> None:
              f"config.data.image_size {config.data.image_size} is not divisible by the autoencoder's downsampling "
              f"factor {2 ** (len(m.block_out_channels) - 1)}")
   if "clip" in stages:
+    _require(config.clip.max_objects == 0 or name == "shapes",
+             f"config.clip.max_objects selects `shapes` examples by their object count; set it to 0 for {name!r}")
     m = config.clip.model
     _require(config.data.image_size % m.patch_size == 0,
              f"config.data.image_size {config.data.image_size} is not divisible by config.clip.model.patch_size "
