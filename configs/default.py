@@ -79,7 +79,7 @@ def get_config() -> ml_collections.ConfigDict:
   ae.eval_batch_size = 100  # images per evaluation batch
 
   # Stage 2: CLIP. Word-level tokens, a small ViT on 8x8 patches.
-  config.clip = training(steps=500, batch_size=128, learning_rate=2e-3, warmup_steps=50, weight_decay=0.01)
+  config.clip = training(steps=1500, batch_size=128, learning_rate=2e-3, warmup_steps=50, weight_decay=0.01)
   cl = config.clip
   cl.tokenizer = "shapes_words"  # "shapes_words" (one token per word of the captions) or a tokenizer directory
   cl.max_length = 16  # tokens per caption, begin and end tokens included

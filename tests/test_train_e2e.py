@@ -2,11 +2,13 @@
 
 One test (so that a parallel test runner keeps it in one process): a full run; the same command
 again (a no-op); the result loaded with Pipeline.from_pretrained; then a second run killed with
-SIGKILL while it trains or saves, restarted, and finishing with exactly the parameters of the
-uninterrupted run. The second run reuses the first one's compilation cache.
+SIGKILL six times (at random moments and during checkpoint saves) and restarted each time, finishing
+with exactly the parameters of the uninterrupted run. Restarts reuse the first run's compilation cache.
 """
 import json
 import os
+import random
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from diffusion_jax.convert.safetensors_io import SafetensorsFile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 600
+OFFSETS = {"autoencoder": 0, "clip": 24, "diffusion": 48}  # global step before each stage (smoke)
 
 
 def command(workdir, tmp_path, *flags):
@@ -38,6 +41,26 @@ def checkpoint_steps(workdir):
   if not os.path.isdir(ckpt):
     return []
   return sorted(int(d) for d in os.listdir(ckpt) if d.isdigit())
+
+
+def progress(log) -> int:
+  """The global step that the progress bars in a run's stderr have reached (-1: none yet)."""
+  bars = re.findall(r"(autoencoder|clip|diffusion):\s+\d+%\|[^|]*\|\s*(\d+)/", log.read_text())
+  return OFFSETS[bars[-1][0]] + int(bars[-1][1]) if bars else -1
+
+
+def assert_resumed_from(stderr: str, step: int) -> None:
+  """The first stage a run started began at global step `step` (its newest complete checkpoint)."""
+  started = re.findall(r"stage (\w+): state ready at step (\d+)", stderr)
+  if started:  # (a run killed during start-up gets no further)
+    name, local = started[0]
+    assert OFFSETS[name] + int(local) == step, (started, step)
+
+
+def temporary_checkpoints(workdir):
+  """Checkpoint directories still being written (orbax renames them when the save completes)."""
+  ckpt = os.path.join(workdir, "checkpoints")
+  return [d for d in os.listdir(ckpt) if "tmp" in d] if os.path.isdir(ckpt) else []
 
 
 def read_model(workdir):
@@ -87,27 +110,45 @@ def test_smoke_run_resume_pipeline_and_sigkill(tmp_path):
   images = pipe("a large red circle on the left", num_inference_steps=3, guidance_scale=2.0, seed=1)
   assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
 
-  # A second run, killed with SIGKILL during the diffusion stage (as soon as its step-68 checkpoint
-  # starts being written), then restarted with the same command.
+  # A second run, killed with SIGKILL seven times and restarted with the same command each time:
+  # once during start-up, three times at random training steps (plus a random fraction of a second,
+  # which lands in steps, evaluations, saves or exports), three times just as a checkpoint save has
+  # begun. Each restart must resume from the newest complete checkpoint, and the last one must end on
+  # exactly the parameters of the uninterrupted run.
   b = tmp_path / "b"
-  proc = subprocess.Popen(command(b, tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                          cwd=ROOT)
-  deadline = time.monotonic() + TIMEOUT_S
-  try:
-    while time.monotonic() < deadline and proc.poll() is None:
-      ckpt = b / "checkpoints"
-      if ckpt.is_dir() and any(d.startswith("68") for d in os.listdir(ckpt)):
-        break
-      time.sleep(0.02)
-    assert proc.poll() is None, "the run ended before it could be killed:\n" + proc.stderr.read()[-3000:]
+  rng = random.Random(0)
+  targets = sorted(rng.sample(range(2, 76), 6))  # global steps, spread over the three stages
+  plan = [("startup", None)] + [("step" if i % 2 == 0 else "save", t) for i, t in enumerate(targets)]
+  during_save = 0
+  for attempt, (kind, target) in enumerate(plan):
+    resume_from = (checkpoint_steps(b) or [0])[-1]
+    leftover = set(temporary_checkpoints(b))
+    log = tmp_path / f"attempt{attempt}.log"
+    with open(log, "w") as stderr:
+      proc = subprocess.Popen(command(b, tmp_path), stdout=subprocess.DEVNULL, stderr=stderr, cwd=ROOT)
+    if kind == "startup":
+      kill_at = time.monotonic() + rng.uniform(0.5, 5.0)
+      moment = lambda: time.monotonic() > kill_at
+    elif kind == "step":
+      delay = rng.uniform(0.0, 1.5)
+      reached = []
+      def moment():
+        if not reached and progress(log) >= target:
+          reached.append(time.monotonic())
+        return bool(reached) and time.monotonic() > reached[0] + delay
+    else:
+      moment = lambda: any(int(d.split(".")[0]) >= target for d in set(temporary_checkpoints(b)) - leftover)
+    deadline = time.monotonic() + TIMEOUT_S
+    while time.monotonic() < deadline and proc.poll() is None and not moment():
+      time.sleep(0.01)
+    assert proc.poll() is None, f"attempt {attempt} ({kind}) ended before it could be killed:\n" + log.read_text()[-3000:]
     proc.send_signal(signal.SIGKILL)
-  finally:
-    proc.wait()
-  assert proc.returncode == -signal.SIGKILL
-  killed_at = checkpoint_steps(b)
-  assert killed_at and 48 < killed_at[-1] < 78, killed_at
-  resumed = run(b, tmp_path)
-  assert resumed.stderr.count("already finished") == 2, resumed.stderr[-2000:]
+    assert proc.wait() == -signal.SIGKILL
+    during_save += bool(set(temporary_checkpoints(b)) - leftover)  # a save was cut off half-written
+    assert_resumed_from(log.read_text(), resume_from)
+  assert during_save >= 3, f"only {during_save} kills landed during a checkpoint save"
+  resume_from = checkpoint_steps(b)[-1]
+  assert_resumed_from(run(b, tmp_path).stderr, resume_from)
 
   final_a, final_b = read_model(a), read_model(b)
   assert final_a.keys() == final_b.keys() and len(final_a) > 50
