@@ -62,7 +62,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.data.worker_count = 0  # grain worker processes (0: threads of the training process)
 
   # Stage 1: the autoencoder. 64x64x3 images <-> 16x16x4 latents.
-  config.autoencoder = training(steps=1200, batch_size=32, learning_rate=4e-3, warmup_steps=50)
+  config.autoencoder = training(steps=1000, batch_size=32, learning_rate=4e-3, warmup_steps=50)
   ae = config.autoencoder
   ae.model = ml_collections.ConfigDict()
   ae.model.block_out_channels = (16, 32, 32)  # widths per level; latents are 2**(levels-1) times smaller
@@ -104,7 +104,7 @@ def get_config() -> ml_collections.ConfigDict:
   # Stage 3: the UNet on 16x16x4 latents, conditioned on the CLIP text tower's last hidden states.
   # Colour is the last thing the UNet binds to the text (shape and position come first), so the stage
   # favours many small steps: 1000 steps of 64 draw the right colour half of the time.
-  config.diffusion = training(steps=2200, batch_size=32, learning_rate=2e-3, warmup_steps=50, ema_decay=0.995,
+  config.diffusion = training(steps=2900, batch_size=32, learning_rate=2e-3, warmup_steps=50, ema_decay=0.995,
                               checkpoint_every=500)
   d = config.diffusion
   d.init_from = config_dict.placeholder(str)  # a diffusers-format SD directory to fine-tune (VAE, text, UNet)
