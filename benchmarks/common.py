@@ -28,13 +28,18 @@ def median_ms(fn, repeats: int = 5, warmup: bool = True) -> float:
   return times[len(times) // 2] * 1e3
 
 
-def peak_rss_gb() -> float:
-  """Peak resident memory of this process so far (VmHWM), in GB (1e9 bytes)."""
-  with open("/proc/self/status") as f:
+def _proc_gb(path: str, field: str, missing: float) -> float:
+  """A "<field>: <n> kB" line of a /proc file, in GB (1e9 bytes); `missing` when it is absent."""
+  with open(path) as f:
     for line in f:
-      if line.startswith("VmHWM:"):
+      if line.startswith(field + ":"):
         return int(line.split()[1]) * 1024 / 1e9
-  return float("nan")
+  return missing
+
+
+def peak_rss_gb() -> float:
+  """Peak resident memory of this process so far (VmHWM), in GB."""
+  return _proc_gb("/proc/self/status", "VmHWM", float("nan"))
 
 
 def flops_of(compiled) -> float | None:
@@ -50,11 +55,7 @@ def flops_of(compiled) -> float | None:
 
 def available_memory_gb() -> float:
   """MemAvailable of /proc/meminfo, in GB."""
-  with open("/proc/meminfo") as f:
-    for line in f:
-      if line.startswith("MemAvailable:"):
-        return int(line.split()[1]) * 1024 / 1e9
-  return float("inf")
+  return _proc_gb("/proc/meminfo", "MemAvailable", float("inf"))
 
 
 def wait_for_memory(needed_gb: float, timeout_s: float = 900, poll_s: float = 15) -> str | None:
