@@ -7,6 +7,10 @@
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: this may re-execute the process once
+  from diffusion_jax import host_memory
+  host_memory.reexec_with_huge_pages()
+
 import argparse
 import json
 import os

@@ -10,6 +10,10 @@ from its newest checkpoint with the same data order and random draws. The result
 """
 from __future__ import annotations
 
+if __name__ == "__main__":  # before the heavy imports: this may re-execute the process once
+  from diffusion_jax import host_memory
+  host_memory.reexec_with_huge_pages()
+
 import os
 import sys
 import time

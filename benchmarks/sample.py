@@ -136,6 +136,7 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   start = time.perf_counter()
   images = generate()
   out = {"setting": setting, "weights": source, "num_images": num_images, "image_shape": list(images.shape[1:]),
+         "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
          "first_call_s": time.perf_counter() - start, "compile_s": sum(durations.values()),
          "compile_events_s": {k.rsplit("/", 1)[-1]: round(v, 3) for k, v in durations.items()}}
   if not measure:
@@ -190,6 +191,8 @@ def main():
   repeats = dict(item.split(":") for item in args.repeats.split(","))
 
   if args.worker:
+    from diffusion_jax import host_memory
+    host_memory.reexec_with_huge_pages()  # as sample.py does
     return common.emit(worker(args.worker, args.run, int(counts[args.worker]), int(repeats[args.worker]),
                               args.cache_dir, args.measure))
 

@@ -128,7 +128,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   abstract = jax.eval_shape(init, key)
   out = {"system": "ours", "size": name, "batch": batch, "jax": jax.__version__, "devices": str(jax.devices()[0]),
          "params": sum(v.size for v in jax.tree.leaves(abstract)), "dtype": dtype_name, "remat": remat,
-         "xla_flags": os.environ.get("XLA_FLAGS", "")}
+         "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
   def compile_timed(fn, *args):
     start = time.perf_counter()
@@ -255,6 +255,8 @@ def main():
   if args.worker == "ceiling":
     return common.emit(worker_ceiling(args.repeats))
   if args.worker == "ours":
+    from diffusion_jax import host_memory
+    host_memory.reexec_with_huge_pages()  # as train.py and sample.py do
     return common.emit(worker_ours(names[0], args.repeats, args.remat or DEFAULT_REMAT[names[0]], args.dtype,
                                    not args.no_train, args.batch))
 

@@ -1,0 +1,61 @@
+"""Transparent huge pages for XLA's host buffers on Linux (the CPU backend's speed).
+
+On the CPU, XLA allocates each execution's temporary buffer with `posix_memalign`; at these sizes
+glibc maps fresh pages from the kernel every call and unmaps them afterwards. A train step of the
+benchmark's `small` UNet (2.3 GB of temporaries) so takes about 605,000 page faults and 1.2 s of
+kernel time per step. glibc's `glibc.malloc.hugetlb=1` tunable marks those mappings for transparent
+huge pages: 512x fewer faults, and the step runs about 10% faster (benchmarks/RESULTS.md). glibc reads
+tunables only when a process starts, so the command-line entry points re-execute themselves once with
+the tunable set. Set DIFFUSION_JAX_NO_HUGE_PAGES=1 to opt out.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import sys
+
+TUNABLE = "glibc.malloc.hugetlb"
+OPT_OUT = "DIFFUSION_JAX_NO_HUGE_PAGES"
+_THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def _glibc_has_hugetlb_tunable() -> bool:
+  libc, version = platform.libc_ver()
+  if libc != "glibc":
+    return False
+  try:
+    major, minor = (int(v) for v in version.split(".")[:2])
+  except ValueError:
+    return False
+  return (major, minor) >= (2, 35)  # the hugetlb tunable arrived in glibc 2.35
+
+
+def _kernel_allows_thp(path: str = _THP_SETTING) -> bool:
+  try:
+    with open(path) as f:
+      return "[never]" not in f.read()
+  except OSError:
+    return False
+
+
+def tunables_env(environ: dict[str, str]) -> dict[str, str] | None:
+  """`environ` with the huge-page tunable added to GLIBC_TUNABLES, or None if it is already there or opted out."""
+  if environ.get(OPT_OUT) or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+    return None
+  current = environ.get("GLIBC_TUNABLES")
+  return {**environ, "GLIBC_TUNABLES": f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"}
+
+
+def reexec_with_huge_pages() -> None:
+  """Re-executes this process (same pid, arguments and descriptors) with the tunable, once; else returns.
+
+  Call it first thing in a command-line entry point, before work worth repeating is done.
+  """
+  if not sys.platform.startswith("linux") or not _glibc_has_hugetlb_tunable() or not _kernel_allows_thp():
+    return
+  env = tunables_env(dict(os.environ))
+  if env is None:
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os.execve(sys.executable, sys.orig_argv, env)
