@@ -7,7 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm
+from diffusion_jax.nn.layers import (BIAS_AXES, DENSE_AXES, Conv, Dense, Dtype, GroupNorm, LayerNorm,
+                                     torch_default_init)
 
 
 # Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches: measured best among
@@ -160,6 +161,29 @@ class Attention(nn.Module):
     return nn.Dropout(self.dropout, deterministic=deterministic)(out)
 
 
+class SplitDense(nn.Module):
+  """A Dense layer to `parts` * `features` outputs (one kernel, as in the reference), returned as `parts` arrays.
+
+  Each part is its own matmul on a slice of the kernel, so the backward pass concatenates the small
+  kernel gradients instead of the [B, T, parts * features] activation gradients.
+  """
+  features: int
+  parts: int = 2
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., C] -> parts x [..., features]
+    width = self.parts * self.features
+    kernel = self.param("kernel", nn.with_logical_partitioning(torch_default_init, DENSE_AXES),
+                        (x.shape[-1], width), self.param_dtype)
+    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), BIAS_AXES), (width,),
+                      self.param_dtype)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return tuple(jnp.dot(x, kernel[:, i * self.features:(i + 1) * self.features])
+                 + bias[i * self.features:(i + 1) * self.features] for i in range(self.parts))
+
+
 class GEGLU(nn.Module):
   """Gated GELU (Shazeer 2020): one projection to 2*inner, value * gelu(gate)."""
   inner_dim: int
@@ -168,8 +192,7 @@ class GEGLU(nn.Module):
 
   @nn.compact
   def __call__(self, x):  # [B, T, C] -> [B, T, inner]
-    h = Dense(2 * self.inner_dim, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    value, gate = jnp.split(h, 2, axis=-1)
+    value, gate = SplitDense(self.inner_dim, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
     return value * nn.gelu(gate, approximate=False)
 
 
