@@ -69,6 +69,7 @@ class Pipeline:
 
   def __post_init__(self):
     self._compiled: dict = {}
+    self._placed_leaves: tuple = ()  # ids of the leaves of `params` as last placed on the devices
 
   # ---------------------------------------------------------------- loading and saving
   @classmethod
@@ -225,7 +226,7 @@ class Pipeline:
     key = jax.random.key(seed)
     run = self._program(sampler, num_inference_steps, use_cfg, guidance_rescale > 0, start_step,
                         init is not None, mask is not None, plan, bool(progress))
-    args = (self.params, cond, uncond, latents, key, init_pixels,
+    args = (self._replicated_params(), cond, uncond, latents, key, init_pixels,
             None if mask_arr is None else jnp.asarray(mask_arr),
             jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
     if progress:
@@ -239,6 +240,13 @@ class Pipeline:
     if output_type == "np":
       return images
     return np.round(images * 255).astype(np.uint8)
+
+  def _replicated_params(self) -> dict:
+    """`params` replicated over all devices, placed once (again only after a leaf is replaced)."""
+    if tuple(map(id, jax.tree.leaves(self.params))) != self._placed_leaves:
+      self.params = jax.device_put(self.params, NamedSharding(_mesh(), P()))
+      self._placed_leaves = tuple(map(id, jax.tree.leaves(self.params)))
+    return self.params
 
   def _tick(self, _):
     if getattr(self, "_progress_bar", None) is not None:
@@ -285,23 +293,28 @@ def _progress_hook(tick, post_step):
   return hook
 
 
-def _shard_batch(args, n: int):
-  """Pads the batch to a multiple of the device count and shards it over a 1-D mesh."""
-  devices = jax.devices()
-  mesh = Mesh(np.array(devices), ("data",))
-  pad = -n % len(devices)
-  batch = NamedSharding(mesh, P("data"))
-  replicated = NamedSharding(mesh, P())
+@functools.lru_cache(maxsize=None)
+def _mesh_of(devices: tuple) -> Mesh:
+  return Mesh(np.array(devices), ("data",))
 
-  def place(x, batched):
+
+def _mesh() -> Mesh:
+  """A 1-D mesh over all devices: generation is data parallel."""
+  return _mesh_of(tuple(jax.devices()))
+
+
+def _shard_batch(args, n: int):
+  """Pads the batch to a multiple of the device count and shards it; `params` are already replicated."""
+  mesh = _mesh()
+  pad = -n % mesh.size
+  batch = NamedSharding(mesh, P("data"))
+
+  def place(x):
     if x is None:
       return None
-    if not batched:
-      return jax.device_put(x, replicated)
     if pad:
       x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
     return jax.device_put(x, batch)
 
   params, cond, uncond, noise, key, init, mask, scale, rescale = args
-  return (place(params, False), place(cond, True), place(uncond, True), place(noise, True), key,
-          place(init, True), place(mask, True), scale, rescale)
+  return (params, place(cond), place(uncond), place(noise), key, place(init), place(mask), scale, rescale)
