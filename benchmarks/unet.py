@@ -1,7 +1,7 @@
 """UNet forward and train-step timings, FLOPs and peak memory, beside diffusers (PyTorch) and diffusers' Flax UNet.
 
   python benchmarks/unet.py                                   # small and sd15, ours and both peers
-  python benchmarks/unet.py --configs small --repeats 5 --out benchmarks/results/unet.json
+  python benchmarks/unet.py --configs small --repeats 5 --out benchmarks/results/unet-small.json
   python benchmarks/unet.py --peer-torch-python /tmp/peer-torch/bin/python --peer-flax-python /tmp/peer-flax/bin/python
 
 Each measurement (the matmul ceiling, and every (system, configuration) pair) runs in its own subprocess, in
