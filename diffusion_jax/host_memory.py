@@ -58,4 +58,5 @@ def reexec_with_huge_pages() -> None:
     return
   sys.stdout.flush()
   sys.stderr.flush()
-  os.execve(sys.executable, sys.orig_argv, env)
+  # The interpreter's own path as argv[0]: a bare "python" would be looked up on PATH again.
+  os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
