@@ -1,6 +1,6 @@
 """The default run: autoencoder, CLIP and text-conditioned UNet on the built-in `shapes` data.
 
-Sized for a 2-core CPU: the three stages together take 25-30 minutes there (plus the one-time
+Sized for a 2-core CPU: the three stages together take 23-30 minutes there (plus the one-time
 generation of `shapes`); benchmarks/RESULTS.md records what the run reaches (reconstruction PSNR,
 zero-shot accuracy, how well 20-step dpmpp_2m samples match their captions).
 
