@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -42,10 +41,10 @@ def peak_rss_gb() -> float:
   return _proc_gb("/proc/self/status", "VmHWM", float("nan"))
 
 
-def flops_of(compiled) -> float | None:
-  """XLA's FLOP count of a compiled program (cost_analysis), or None if the backend gives none."""
+def flops_of(program) -> float | None:
+  """XLA's FLOP count of a lowered or compiled program (cost_analysis), or None if the backend gives none."""
   try:
-    cost = compiled.cost_analysis()
+    cost = program.cost_analysis()
   except Exception:  # noqa: BLE001 - some backends do not implement it
     return None
   if isinstance(cost, (list, tuple)):
@@ -92,10 +91,6 @@ def run_worker(argv: list[str], *, env: dict | None = None, timeout: float = 360
     why = "killed (out of memory?)" if proc.returncode in (-9, 137) else f"exit status {proc.returncode}"
     return {"error": why, "output_tail": tail, "wall_s": round(wall, 1), **(results[-1] if results else {})}
   return {**results[-1], "wall_s": round(wall, 1)}
-
-
-def python_of_this_venv() -> str:
-  return sys.executable
 
 
 def write_json(result: dict, path: str | None) -> None:

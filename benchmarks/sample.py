@@ -54,14 +54,8 @@ def default_pipeline(run_dir: str | None):
   from diffusion_jax import Pipeline
   if run_dir and os.path.isdir(run_dir):
     return Pipeline.from_pretrained(run_dir), f"trained run {run_dir}"
-  import jax
-  import jax.numpy as jnp
-
   sys.path.insert(0, common.REPO)
   from configs import default as default_config
-  from diffusion_jax.nn.autoencoder import AutoencoderKL
-  from diffusion_jax.nn.text_encoder import TextEncoder
-  from diffusion_jax.nn.unet import UNet
   from diffusion_jax.train import autoencoder as ae_stage
   from diffusion_jax.train import clip as clip_stage
   from diffusion_jax.train import diffusion as diffusion_stage
@@ -73,8 +67,8 @@ def default_pipeline(run_dir: str | None):
   factor = 2 ** (len(vae_cfg.block_out_channels) - 1)
   unet_cfg = diffusion_stage.unet_config(config, vae_cfg.latent_channels, config.data.image_size // factor,
                                          text_cfg.hidden_size)
-  return _random_pipeline(tokenizer, text_cfg, vae_cfg, unet_cfg, diffusion_stage.scheduler_config(config),
-                          config.data.image_size), "random weights, configs/default.py sizes"
+  return _random_pipeline(tokenizer, text_cfg, vae_cfg, unet_cfg, diffusion_stage.scheduler_config(config)), \
+      "random weights, configs/default.py sizes"
 
 
 def sd15_pipeline():
@@ -85,11 +79,12 @@ def sd15_pipeline():
 
   tokenizer = CLIPTokenizer.from_words(PROMPT.split(), max_length=77)
   text_cfg = dataclasses.replace(text_encoder.SD15_TEXT, eos_token_id=tokenizer.eos_token_id)
-  return _random_pipeline(tokenizer, text_cfg, autoencoder.SD, unet.SD15, SchedulerConfig(), 512), \
+  return _random_pipeline(tokenizer, text_cfg, autoencoder.SD, unet.SD15, SchedulerConfig()), \
       "random weights, SD 1.5 sizes"
 
 
-def _random_pipeline(tokenizer, text_cfg, vae_cfg, unet_cfg, scheduler, image_size):
+def _random_pipeline(tokenizer, text_cfg, vae_cfg, unet_cfg, scheduler):
+  """Random weights; the pipeline's default image size is the UNet's sample_size times the VAE factor."""
   import jax
   import jax.numpy as jnp
 
@@ -110,7 +105,6 @@ def _random_pipeline(tokenizer, text_cfg, vae_cfg, unet_cfg, scheduler, image_si
                             jnp.zeros((1, 1, text_cfg.hidden_size))),
   }
   configs = {"text_encoder": text_cfg, "vae": vae_cfg, "unet": unet_cfg}
-  del image_size  # the pipeline's default size is sample_size * the VAE factor
   return Pipeline(tokenizer, text, vae, net, params, scheduler, configs)
 
 
@@ -140,7 +134,8 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   images = generate()
   out = {"setting": setting, "weights": source, "num_images": num_images, "image_shape": list(images.shape[1:]),
          "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""),
-         "first_call_s": time.perf_counter() - start, "compile_s": sum(v for k, v in durations.items() if k in COMPILE_EVENTS),
+         "first_call_s": time.perf_counter() - start,
+         "compile_s": sum(v for k, v in durations.items() if k in COMPILE_EVENTS),
          "compile_events_s": {k.rsplit("/", 1)[-1]: round(v, 3) for k, v in durations.items()}}
   if not measure:
     out["peak_rss_gb"] = common.peak_rss_gb()

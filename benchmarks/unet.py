@@ -32,8 +32,9 @@ SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_pe
 CONFIGS = {"small": (SMALL, 8, 77), "sd15": (SD15, 1, 77)}  # (config, batch, context length)
 # Rematerialisation used for our train step: SD 1.5 must fit in 16 GB; the small model fits without.
 DEFAULT_REMAT = {"small": "none", "sd15": "transformer"}
-# XLA's concurrency-optimised scheduler keeps many buffers live at once: the SD 1.5 train step needs 5.5 GB of
-# temporaries with it and 2.0 GB without it, at the same speed (benchmarks/RESULTS.md). Applied to our train step.
+# XLA's concurrency-optimised scheduler, off for our train step (it runs independent ops side by side and so
+# can keep more buffers live). For the current SD 1.5 step XLA's memory analysis shows no difference: 6.05 GB
+# of temporaries either way (transformer remat).
 TRAIN_COMPILER_OPTIONS = {"xla_cpu_enable_concurrency_optimized_scheduler": False}
 # Memory (GB) a worker needs; it waits for this much to be available (shared machine) or is skipped.
 MEMORY_NEEDED_GB = {("ours", "small"): 6, ("ours", "sd15"): 16, ("torch", "small"): 4, ("torch", "sd15"): 17,
@@ -81,14 +82,10 @@ def reference_flops(fn, *args) -> float | None:
   if tiled is not None:
     attention.tiled_attention = lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v)
   try:
-    cost = jax.jit(fn).lower(*args).cost_analysis()
-  except Exception:  # noqa: BLE001 - a backend without cost analysis
-    return None
+    return common.flops_of(jax.jit(fn).lower(*args))
   finally:
     if tiled is not None:
       attention.tiled_attention = tiled
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return float(cost["flops"]) if cost and "flops" in cost else None
 
 
 def device_peak_gb() -> float | None:

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from diffusion_jax import parallel
 from diffusion_jax.convert import diffusers as dconv
 from diffusion_jax.diffusion import guidance, samplers
 from diffusion_jax.diffusion.schedules import SchedulerConfig
@@ -244,7 +245,7 @@ class Pipeline:
   def _replicated_params(self) -> dict:
     """`params` replicated over all devices, placed once (again only after a leaf is replaced)."""
     if tuple(map(id, jax.tree.leaves(self.params))) != self._placed_leaves:
-      self.params = jax.device_put(self.params, NamedSharding(_mesh(), P()))
+      self.params = jax.device_put(self.params, parallel.replicated(_mesh()))
       self._placed_leaves = tuple(map(id, jax.tree.leaves(self.params)))
     return self.params
 
@@ -295,11 +296,11 @@ def _progress_hook(tick, post_step):
 
 @functools.lru_cache(maxsize=None)
 def _mesh_of(devices: tuple) -> Mesh:
-  return Mesh(np.array(devices), ("data",))
+  return parallel.make_mesh({"data": -1}, devices)
 
 
 def _mesh() -> Mesh:
-  """A 1-D mesh over all devices: generation is data parallel."""
+  """Every device on the data axis: generation is data parallel."""
   return _mesh_of(tuple(jax.devices()))
 
 

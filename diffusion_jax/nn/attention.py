@@ -7,8 +7,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.layers import (BIAS_AXES, DENSE_AXES, Conv, Dense, Dtype, GroupNorm, LayerNorm,
-                                     torch_default_init)
+from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, SplitDense
 
 
 # Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches: measured best among
@@ -159,29 +158,6 @@ class Attention(nn.Module):
     out = multi_head_attention(q, k, v, self.heads)
     out = Dense(x.shape[-1], name="to_out_0", **kw)(out)
     return nn.Dropout(self.dropout, deterministic=deterministic)(out)
-
-
-class SplitDense(nn.Module):
-  """A Dense layer to `parts` * `features` outputs (one kernel, as in the reference), returned as `parts` arrays.
-
-  Each part is its own matmul on a slice of the kernel, so the backward pass concatenates the small
-  kernel gradients instead of the [B, T, parts * features] activation gradients.
-  """
-  features: int
-  parts: int = 2
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x):  # [..., C] -> parts x [..., features]
-    width = self.parts * self.features
-    kernel = self.param("kernel", nn.with_logical_partitioning(torch_default_init, DENSE_AXES),
-                        (x.shape[-1], width), self.param_dtype)
-    bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), BIAS_AXES), (width,),
-                      self.param_dtype)
-    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return tuple(jnp.dot(x, kernel[:, i * self.features:(i + 1) * self.features])
-                 + bias[i * self.features:(i + 1) * self.features] for i in range(self.parts))
 
 
 class GEGLU(nn.Module):

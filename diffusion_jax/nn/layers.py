@@ -42,6 +42,33 @@ def Dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
                   bias_init=_partitioned(nn.initializers.zeros_init(), BIAS_AXES), name=name)
 
 
+def _kernel_and_bias(module: nn.Module, shape: tuple[int, ...], axes: tuple[str, ...]):
+  """A kernel of `shape` initialised as torch does and a zero bias over its last axis, both axis-named."""
+  kernel = module.param("kernel", _partitioned(torch_default_init, axes), shape, module.param_dtype)
+  bias = module.param("bias", _partitioned(nn.initializers.zeros_init(), BIAS_AXES), (shape[-1],),
+                      module.param_dtype)
+  return kernel, bias
+
+
+class SplitDense(nn.Module):
+  """A Dense layer to `parts` * `features` outputs (one kernel, as in the reference), returned as `parts` arrays.
+
+  Each part is its own matmul on a slice of the kernel, so the backward pass concatenates the small
+  kernel gradients instead of the [B, T, parts * features] activation gradients.
+  """
+  features: int
+  parts: int = 2
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., C] -> parts x [..., features]
+    kernel, bias = _kernel_and_bias(self, (x.shape[-1], self.parts * self.features), DENSE_AXES)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    return tuple(jnp.dot(x, kernel[:, i * self.features:(i + 1) * self.features])
+                 + bias[i * self.features:(i + 1) * self.features] for i in range(self.parts))
+
+
 def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any = None,
          use_bias: bool = True, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
          name: str | None = None) -> nn.Conv:
@@ -151,10 +178,7 @@ class UpsampleConv(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] -> [B, 2H, 2W, features]
     b, h, w, c = x.shape
-    kernel = self.param("kernel", _partitioned(torch_default_init, CONV_AXES), (3, 3, c, self.features),
-                        self.param_dtype)
-    bias = self.param("bias", _partitioned(nn.initializers.zeros_init(), BIAS_AXES), (self.features,),
-                      self.param_dtype)
+    kernel, bias = _kernel_and_bias(self, (3, 3, c, self.features), CONV_AXES)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
 
     def phase_taps(k, axis):  # 3 taps along `axis` -> [phase 0 (reads i-1, i), phase 1 (reads i, i+1)], 2 taps each
