@@ -308,7 +308,8 @@ def init_or_restore(run: Run, stage: Stage, index: int, iterator) -> tuple[state
                                         ema_decay=float(cfg.get("ema_decay", 0.0)), nan_window=nan_window)
   with parallel.sharding_context(mesh):
     step_fn = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
-                      out_shardings=(shardings, replicated), donate_argnums=0)
+                      out_shardings=(shardings, replicated), donate_argnums=0,
+                      compiler_options=step_lib.train_compiler_options())
   return state, Compiled(tx, shardings, step_fn, train_rng, start)
 
 

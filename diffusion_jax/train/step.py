@@ -18,6 +18,18 @@ from diffusion_jax.train import state as state_lib
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
 
+# XLA options for compiling a train step, per backend. On the CPU, XLA's default scheduler leaves
+# every gradient alive until the last one is computed and only then runs the optimizer update; the
+# memory-optimised scheduler updates each parameter as soon as its gradient is ready. SD 1.5's step
+# (batch 1, 64x64 latents, AdamW) needs 2.24 GB of temporaries with it instead of 6.05 GB, and the
+# small UNet's step runs no slower.
+TRAIN_COMPILER_OPTIONS = {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
+
+
+def train_compiler_options(backend: str | None = None) -> dict:
+  """`compiler_options` for `jax.jit` of a train step on `backend` (default: JAX's default backend)."""
+  return dict(TRAIN_COMPILER_OPTIONS.get(backend or jax.default_backend(), {}))
+
 
 def batch_size_of(batch: dict) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
