@@ -32,6 +32,8 @@ SD15 = dict(sample_size=64, block_out_channels=(320, 640, 1280, 1280), layers_pe
 CONFIGS = {"small": (SMALL, 8, 77), "sd15": (SD15, 1, 77)}  # (config, batch, context length)
 # Rematerialisation used for our train step: SD 1.5 must fit in 16 GB; the small model fits without.
 DEFAULT_REMAT = {"small": "none", "sd15": "transformer"}
+# XLA scheduler of our train step (config.<stage>.xla_scheduler): SD 1.5's memory goal needs "memory".
+DEFAULT_SCHEDULER = {"small": "default", "sd15": "memory"}
 # Memory (GB) a worker needs; it waits for this much to be available (shared machine) or is skipped.
 MEMORY_NEEDED_GB = {("ours", "small"): 6, ("ours", "sd15"): 16, ("torch", "small"): 4, ("torch", "sd15"): 17,
                     ("flax", "small"): 12, ("flax", "sd15"): 10}
@@ -152,7 +154,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
 
   abstract_state = (abstract, jax.eval_shape(tx.init, abstract))
   # Donating parameters and optimizer state lets XLA update them in place (no second copy).
-  options = train_compiler_options()  # as train.py compiles its step
+  options = train_compiler_options(DEFAULT_SCHEDULER[name])  # as train.py compiles its step
   out["train_compiler_options"] = options
   step_c, out["train_compile_s"] = compile_timed(
       jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options), *abstract_state)

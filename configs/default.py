@@ -35,6 +35,7 @@ def training(*, steps: int, batch_size: int, learning_rate: float, warmup_steps:
   c.log_every = log_every  # steps between lines of metrics.jsonl / TensorBoard points
   c.eval_every = eval_every  # steps between evaluations (0: only at the end of the stage)
   c.checkpoint_every = checkpoint_every  # steps between checkpoints (the stage's last step always saves)
+  c.xla_scheduler = "default"  # "memory": on the CPU, update each parameter as its gradient arrives (less memory)
   return c
 
 

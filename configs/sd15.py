@@ -55,5 +55,6 @@ def get_config():
   d.cache = False  # encode images and captions at every step (the data set is too large to cache)
   d.export_every_checkpoint = False  # the final export only (3.4 GB of UNet weights)
   d.unet.remat = "resnet_and_transformer"  # recompute activations in the backward pass
+  d.xla_scheduler = "memory"  # on the CPU: free each gradient after its update (no effect on TPU/GPU)
   d.sample.eval_examples = 0  # no `shapes` evaluator for real images
   return config

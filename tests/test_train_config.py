@@ -24,6 +24,7 @@ from configs import sd15, sd21, smoke  # noqa: E402  (ROOT is on sys.path via tr
     (lambda c: c.diffusion.update(caption_dropout=1.5), "caption_dropout must be in [0, 1)"),
     (lambda c: c.mesh.update(tensor=2), "unknown mesh axis 'tensor'"),
     (lambda c: c.update(dtype="float64"), "config.dtype must be one of"),
+    (lambda c: c.clip.update(xla_scheduler="fast"), "config.clip.xla_scheduler must be one of"),
 ])
 def test_invalid_configs_are_rejected(mutate, fragment):
   config = default_config.get_config()

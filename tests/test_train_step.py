@@ -91,7 +91,7 @@ def test_weight_decay_spares_biases_and_norms():
   assert optim.decay_mask(params) == {"kernel": True, "bias": False, "scale": False}
 
 
-def test_cpu_compiler_options_update_parameters_as_their_gradients_arrive():
+def test_memory_scheduler_updates_parameters_as_their_gradients_arrive():
   # A deep MLP's AdamW step: with the memory-optimised scheduler the gradients are not all alive at
   # once, so XLA needs fewer temporaries; the result is the same.
   def loss(params, x):
@@ -108,8 +108,8 @@ def test_cpu_compiler_options_update_parameters_as_their_gradients_arrive():
   keys = jax.random.split(jax.random.key(0), 13)
   params = [jax.random.normal(k, (512, 512)) / 512 ** 0.5 for k in keys[:12]]
   args = (params, tx.init(params), jax.random.normal(keys[12], (64, 512)))
-  options = step_lib.train_compiler_options("cpu")
-  assert options, "the CPU backend has train-step options"
+  options = step_lib.train_compiler_options("memory", "cpu")
+  assert options, "the CPU backend has a memory-optimised scheduler"
   # Donated, as the training loop compiles its step (the update is then written in place).
   default = jax.jit(train_step, donate_argnums=(0, 1)).lower(*args).compile()
   tuned = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options).lower(*args).compile()
@@ -118,4 +118,7 @@ def test_cpu_compiler_options_update_parameters_as_their_gradients_arrive():
   expected, got = default(*copy(args)), tuned(*copy(args))
   np.testing.assert_allclose(np.concatenate([np.ravel(a) for a in jax.tree.leaves(got)]),
                              np.concatenate([np.ravel(a) for a in jax.tree.leaves(expected)]), rtol=1e-6, atol=1e-7)
-  assert step_lib.train_compiler_options("tpu") == {}
+  assert step_lib.train_compiler_options("memory", "tpu") == {}
+  assert step_lib.train_compiler_options("default", "cpu") == {}
+  with pytest.raises(ValueError, match="unknown XLA scheduler"):
+    step_lib.train_compiler_options("fastest")
