@@ -41,9 +41,8 @@ def _check_training(cfg: Any, prefix: str) -> None:
   for name in ("log_every", "eval_every", "checkpoint_every"):
     _require(cfg[name] >= 0, f"config.{prefix}.{name} must be >= 0, got {cfg[name]!r}")
   _require(cfg.log_every > 0, f"config.{prefix}.log_every must be positive, got {cfg.log_every!r}")
-  if "xla_scheduler" in cfg:
-    _require(cfg.xla_scheduler in step_lib.XLA_SCHEDULERS, f"config.{prefix}.xla_scheduler must be one of "
-             f"{sorted(step_lib.XLA_SCHEDULERS)}, got {cfg.xla_scheduler!r}")
+  _require(cfg.xla_scheduler in step_lib.XLA_SCHEDULERS, f"config.{prefix}.xla_scheduler must be one of "
+           f"{sorted(step_lib.XLA_SCHEDULERS)}, got {cfg.xla_scheduler!r}")
   if "ema_decay" in cfg:
     _require(0 <= cfg.ema_decay < 1, f"config.{prefix}.ema_decay must be in [0, 1), got {cfg.ema_decay!r}")
 
