@@ -114,6 +114,8 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   import jax.numpy as jnp
   import numpy as np
 
+  from diffusion_jax import xla_options
+
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
@@ -147,7 +149,8 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   x = jax.random.normal(jax.random.key(1), (2 * num_images, size, size, cfg.in_channels), jnp.float32)
   context = jnp.concatenate([pipe.encode_prompt([""] * num_images), pipe.encode_prompt(prompts)])
   t = jnp.full((2 * num_images,), 500.0, jnp.float32)
-  unet = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))
+  unet = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c),
+                 compiler_options=xla_options.compiler_options())  # as the pipeline compiles its loop
 
   def bare_unet():
     y = x

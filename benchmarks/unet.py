@@ -103,7 +103,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   from flax.linen import meta
 
   from diffusion_jax.nn.unet import UNet, UNetConfig
-  from diffusion_jax.train.step import train_compiler_options
+  from diffusion_jax import xla_options
 
   ref_cfg, default_batch, seq = CONFIGS[name]
   batch = batch or default_batch
@@ -131,7 +131,9 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
     compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
-  forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c))
+  # Compiled as the pipeline and train.py compile theirs.
+  out["fwd_compiler_options"] = xla_options.compiler_options()
+  forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c), compiler_options=out["fwd_compiler_options"])
   forward_c, out["fwd_compile_s"] = compile_timed(forward, abstract, x, t, context)
   out["peak_rss_gb_after_fwd_compile"] = common.peak_rss_gb()
   out["fwd_flops_xla_loops_once"] = common.flops_of(forward_c)
@@ -154,7 +156,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
 
   abstract_state = (abstract, jax.eval_shape(tx.init, abstract))
   # Donating parameters and optimizer state lets XLA update them in place (no second copy).
-  options = train_compiler_options(DEFAULT_SCHEDULER[name])  # as train.py compiles its step
+  options = xla_options.compiler_options(DEFAULT_SCHEDULER[name])  # as train.py compiles its step
   out["train_compiler_options"] = options
   step_c, out["train_compile_s"] = compile_timed(
       jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options), *abstract_state)

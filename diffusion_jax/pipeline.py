@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import parallel
+from diffusion_jax import parallel, xla_options
 from diffusion_jax.convert import diffusers as dconv
 from diffusion_jax.diffusion import guidance, samplers
 from diffusion_jax.diffusion.schedules import SchedulerConfig
@@ -281,7 +281,7 @@ class Pipeline:
       images = self.vae.apply({"params": params["vae"]}, latents / scaling, method="decode")
       return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [B, H, W, 3]
 
-    compiled = jax.jit(run)
+    compiled = jax.jit(run, compiler_options=xla_options.compiler_options())
     self._compiled[key] = compiled
     return compiled
 

@@ -89,36 +89,3 @@ def test_learning_rate_schedule_warms_up_and_decays():
 def test_weight_decay_spares_biases_and_norms():
   params = {"kernel": jnp.ones((2, 2)), "bias": jnp.ones((2,)), "scale": jnp.ones(())}
   assert optim.decay_mask(params) == {"kernel": True, "bias": False, "scale": False}
-
-
-def test_memory_scheduler_updates_parameters_as_their_gradients_arrive():
-  # A deep MLP's AdamW step: with the memory-optimised scheduler the gradients are not all alive at
-  # once, so XLA needs fewer temporaries; the result is the same.
-  def loss(params, x):
-    for w in params:
-      x = jnp.tanh(x @ w)
-    return jnp.mean(x ** 2)
-
-  tx = optax.adamw(1e-3)
-
-  def train_step(params, opt_state, x):
-    updates, opt_state = tx.update(jax.grad(loss)(params, x), opt_state, params)
-    return optax.apply_updates(params, updates), opt_state
-
-  keys = jax.random.split(jax.random.key(0), 13)
-  params = [jax.random.normal(k, (512, 512)) / 512 ** 0.5 for k in keys[:12]]
-  args = (params, tx.init(params), jax.random.normal(keys[12], (64, 512)))
-  options = step_lib.train_compiler_options("memory", "cpu")
-  assert options, "the CPU backend has a memory-optimised scheduler"
-  # Donated, as the training loop compiles its step (the update is then written in place).
-  default = jax.jit(train_step, donate_argnums=(0, 1)).lower(*args).compile()
-  tuned = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options).lower(*args).compile()
-  assert tuned.memory_analysis().temp_size_in_bytes < 0.85 * default.memory_analysis().temp_size_in_bytes
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)
-  expected, got = default(*copy(args)), tuned(*copy(args))
-  np.testing.assert_allclose(np.concatenate([np.ravel(a) for a in jax.tree.leaves(got)]),
-                             np.concatenate([np.ravel(a) for a in jax.tree.leaves(expected)]), rtol=1e-6, atol=1e-7)
-  assert step_lib.train_compiler_options("memory", "tpu") == {}
-  assert step_lib.train_compiler_options("default", "cpu") == {}
-  with pytest.raises(ValueError, match="unknown XLA scheduler"):
-    step_lib.train_compiler_options("fastest")

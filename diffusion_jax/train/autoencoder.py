@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import xla_options
 from diffusion_jax.nn import autoencoder as ae
 from diffusion_jax.train import data as data_lib
 
@@ -109,7 +110,7 @@ def psnr(reference: np.ndarray, images: np.ndarray) -> dict[str, float]:
 
 def make_reconstruct(model: ae.AutoencoderKL):
   """Jitted (params, images) -> posterior-mean reconstructions."""
-  return jax.jit(functools.partial(reconstruct, model))
+  return jax.jit(functools.partial(reconstruct, model), compiler_options=xla_options.compiler_options())
 
 
 def evaluate(recon_fn, params, records, mesh, batch_size: int):

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusion_jax import xla_options
 from diffusion_jax.convert import diffusers as dconv
 from diffusion_jax.data import shapes
 from diffusion_jax.diffusion import losses, schedules
@@ -101,7 +102,8 @@ def encoders_from_directory(config: Any) -> Encoders:
 @functools.lru_cache(maxsize=8)
 def _vae_encoder(vae_config: ae.AutoencoderConfig):
   vae = ae.AutoencoderKL(vae_config)
-  return jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"))
+  return jax.jit(lambda p, x: vae.apply({"params": p}, x, method="encode"),
+                 compiler_options=xla_options.compiler_options())
 
 
 def vae_encoder(vae_config: ae.AutoencoderConfig):

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from diffusion_jax import parallel
+from diffusion_jax import parallel, xla_options
 from diffusion_jax.checkpoint import Checkpointer
 from diffusion_jax.train import data as data_lib
 from diffusion_jax.train import optim
@@ -309,7 +309,7 @@ def init_or_restore(run: Run, stage: Stage, index: int, iterator) -> tuple[state
   with parallel.sharding_context(mesh):
     step_fn = jax.jit(train_step, in_shardings=(shardings, parallel.batch_sharding(mesh), replicated),
                       out_shardings=(shardings, replicated), donate_argnums=0,
-                      compiler_options=step_lib.train_compiler_options(cfg.xla_scheduler))
+                      compiler_options=xla_options.compiler_options(cfg.xla_scheduler))
   return state, Compiled(tx, shardings, step_fn, train_rng, start)
 
 

@@ -18,26 +18,6 @@ from diffusion_jax.train import state as state_lib
 
 LossFn = Callable[[Any, Any, dict], tuple[jax.Array, dict]]
 
-# XLA options for compiling a train step: {scheduler: {backend: options}}. On the CPU, XLA's default
-# scheduler keeps nearly every gradient alive until the last one is computed and runs the optimizer
-# update after; the memory-optimised one updates each parameter as soon as its gradient is ready.
-# SD 1.5's AdamW step (batch 1, 64x64 latents) needs 2.24 GB of temporaries with it instead of
-# 6.05 GB (4.06 instead of 6.76 GB with global-norm clipping, which needs every gradient first); the
-# small UNet's step ran 0-8% slower with it in interleaved runs, so it is a choice
-# (`config.<stage>.xla_scheduler`).
-XLA_SCHEDULERS = {
-    "default": {},
-    "memory": {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}},
-}
-
-
-def train_compiler_options(scheduler: str = "default", backend: str | None = None) -> dict:
-  """`compiler_options` for `jax.jit` of a train step on `backend` (default: JAX's default backend)."""
-  if scheduler not in XLA_SCHEDULERS:
-    raise ValueError(f"unknown XLA scheduler {scheduler!r}: use one of {sorted(XLA_SCHEDULERS)}")
-  return dict(XLA_SCHEDULERS[scheduler].get(backend or jax.default_backend(), {}))
-
-
 def batch_size_of(batch: dict) -> int:
   return jax.tree.leaves(batch)[0].shape[0]
 

@@ -7,7 +7,7 @@ from typing import Any
 from diffusion_jax.diffusion.samplers import SAMPLERS
 from diffusion_jax.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES, TIMESTEP_SPACINGS
 from diffusion_jax.parallel import MESH_AXES
-from diffusion_jax.train import step as step_lib
+from diffusion_jax.xla_options import SCHEDULERS
 
 STAGES = ("autoencoder", "clip", "diffusion")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -41,8 +41,8 @@ def _check_training(cfg: Any, prefix: str) -> None:
   for name in ("log_every", "eval_every", "checkpoint_every"):
     _require(cfg[name] >= 0, f"config.{prefix}.{name} must be >= 0, got {cfg[name]!r}")
   _require(cfg.log_every > 0, f"config.{prefix}.log_every must be positive, got {cfg.log_every!r}")
-  _require(cfg.xla_scheduler in step_lib.XLA_SCHEDULERS, f"config.{prefix}.xla_scheduler must be one of "
-           f"{sorted(step_lib.XLA_SCHEDULERS)}, got {cfg.xla_scheduler!r}")
+  _require(cfg.xla_scheduler in SCHEDULERS, f"config.{prefix}.xla_scheduler must be one of "
+           f"{sorted(SCHEDULERS)}, got {cfg.xla_scheduler!r}")
   if "ema_decay" in cfg:
     _require(0 <= cfg.ema_decay < 1, f"config.{prefix}.ema_decay must be in [0, 1), got {cfg.ema_decay!r}")
 

@@ -1,0 +1,55 @@
+"""XLA compiler options for the programs this project compiles, in one table.
+
+  jax.jit(train_step, compiler_options=xla_options.compiler_options("memory"))
+
+Options are per backend; on a TPU or GPU there are none today. An option the installed XLA does not
+know is left out (checked once per process), so older and newer jaxlibs compile as before.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# Options every program gets, by backend. On the CPU, XLA hands convolutions, matmuls and
+# reductions to YNNPACK by default; XLA's own (Eigen) convolutions are faster at every UNet and VAE
+# shape measured (0.44-0.99x the time of YNNPACK's, forward; benchmarks/RESULTS.md), so convolutions
+# stay with XLA while matmuls and reductions stay with YNNPACK: SD 1.5's UNet forward 5.1 instead of
+# 6.6 s, the small UNet's train step 4.8 instead of 5.4 s, in interleaved runs on 2 cores.
+BASE = {
+    "cpu": {"xla_cpu_experimental_ynn_fusion_type":
+            "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
+}
+
+# Scheduler choices for train steps: {name: {backend: options}} (`config.<stage>.xla_scheduler`).
+# On the CPU, XLA's default scheduler keeps nearly every gradient alive until the last one is
+# computed and runs the optimizer update after; the memory-optimised one updates each parameter as
+# soon as its gradient is ready. SD 1.5's AdamW step (batch 1, 64x64 latents) needs 2.24 GB of
+# temporaries with it instead of 6.05 GB (4.06 instead of 6.76 GB with global-norm clipping, which
+# needs every gradient first); the small UNet's step ran 0-8% slower with it in interleaved runs.
+SCHEDULERS = {
+    "default": {},
+    "memory": {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}},
+}
+
+
+def compiler_options(scheduler: str = "default", backend: str | None = None) -> dict:
+  """`compiler_options` for `jax.jit` on `backend` (default: JAX's default backend)."""
+  if scheduler not in SCHEDULERS:
+    raise ValueError(f"unknown XLA scheduler {scheduler!r}: use one of {sorted(SCHEDULERS)}")
+  backend = backend or jax.default_backend()
+  options = {**BASE.get(backend, {}), **SCHEDULERS[scheduler].get(backend, {})}
+  return {name: value for name, value in options.items() if _accepted(backend, name, value)}
+
+
+@functools.lru_cache(maxsize=None)
+def _accepted(backend: str, name: str, value) -> bool:
+  """Whether this XLA compiles a tiny program with the option (unknown names and values raise)."""
+  if backend != jax.default_backend():
+    return True  # cannot probe another backend cheaply; its compile will say so
+  try:
+    jax.jit(lambda x: x + 1, compiler_options={name: value}).lower(jnp.zeros(2)).compile()
+    return True
+  except Exception:  # jaxlib raises its own runtime error type for unknown options
+    return False
