@@ -12,11 +12,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-# Options every program gets, by backend. On the CPU, XLA hands convolutions, matmuls and
-# reductions to YNNPACK by default; XLA's own (Eigen) convolutions are faster at every UNet and VAE
-# shape measured (0.44-0.99x the time of YNNPACK's, forward; benchmarks/RESULTS.md), so convolutions
-# stay with XLA while matmuls and reductions stay with YNNPACK: SD 1.5's UNet forward 5.1 instead of
-# 6.6 s, the small UNet's train step 4.8 instead of 5.4 s, in interleaved runs on 2 cores.
+# Options every program gets, by backend. On the CPU, jaxlib 0.10.2's XLA hands convolutions, matmuls
+# and reductions to YNNPACK; XLA's own convolutions are faster at nearly every UNet and VAE shape
+# measured (0.54-1.01x the time, benchmarks/cpu_convolutions.py), so the list below, what YNNPACK runs,
+# leaves convolutions out: SD 1.5's UNet forward 5.36 instead of 6.49 s on 2 cores. Reductions must stay
+# with YNNPACK (without it, attention's reductions run as slow reduce-window loops).
 BASE = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type":
             "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
