@@ -132,8 +132,8 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
     return compiled, time.perf_counter() - start
 
   # Compiled as the pipeline and train.py compile theirs.
-  out["fwd_compiler_options"] = xla_options.compiler_options()
-  forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c), compiler_options=out["fwd_compiler_options"])
+  out["fwd_compiler_options"] = options = xla_options.compiler_options()
+  forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c), compiler_options=options)
   forward_c, out["fwd_compile_s"] = compile_timed(forward, abstract, x, t, context)
   out["peak_rss_gb_after_fwd_compile"] = common.peak_rss_gb()
   out["fwd_flops_xla_loops_once"] = common.flops_of(forward_c)
