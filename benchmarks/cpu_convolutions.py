@@ -39,10 +39,12 @@ def alternate(programs: dict, args: tuple, repeats: int) -> dict:
   return {name: float(np.median(t)) for name, t in times.items()}
 
 
-def both_ways(fn, args: tuple, options: dict, repeats: int) -> dict:
+def both_ways(fn, args: tuple, options: dict, repeats: int, base: dict | None = None) -> dict:
+  """`fn` compiled with `base` options alone ("default") and with `options` on top ("ours"), timed alternately."""
   import jax
-  programs = {"default": jax.jit(fn).lower(*args).compile(),
-              "ours": jax.jit(fn, compiler_options=options).lower(*args).compile()}
+  base = base or {}
+  programs = {"default": jax.jit(fn, compiler_options=base).lower(*args).compile(),
+              "ours": jax.jit(fn, compiler_options={**base, **options}).lower(*args).compile()}
   ms = alternate(programs, args, repeats)
   return {"default_ms": round(ms["default"], 2), "ours_ms": round(ms["ours"], 2),
           "ours_over_default": round(ms["ours"] / ms["default"], 3)}
@@ -99,12 +101,7 @@ def unet_programs(name: str, options: dict, repeats: int, train: bool) -> dict:
       return optax.apply_updates(p, updates), opt_state, loss
 
     scheduler = xla_options.compiler_options(unet_bench.DEFAULT_SCHEDULER[name])
-    programs = {"default": jax.jit(train_step, compiler_options=scheduler).lower(params, tx.init(params)).compile(),
-                "ours": jax.jit(train_step, compiler_options={**scheduler, **options}).lower(
-                    params, tx.init(params)).compile()}
-    ms = alternate(programs, (params, tx.init(params)), repeats)
-    out["train"] = {"default_ms": round(ms["default"], 1), "ours_ms": round(ms["ours"], 1),
-                    "ours_over_default": round(ms["ours"] / ms["default"], 3)}
+    out["train"] = both_ways(train_step, (params, tx.init(params)), options, repeats, base=scheduler)
     print(name, out, flush=True)
   return out
 
