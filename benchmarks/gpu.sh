@@ -3,22 +3,16 @@
 # ours (JAX/Flax, bf16 compute, fp32 parameters) and diffusers (PyTorch, fp16, SDPA) in the same run,
 # forward and train step (forward + backward + AdamW) medians, written as one JSON file.
 #
-#   JAX_PYTHON=/opt/jax-venv/bin/python TORCH_PYTHON=/opt/torch-venv/bin/python \
+#   JAX_PYTHON=python3 TORCH_PYTHON=python3 PYTHONPATH=$PWD LOG_DIR=/tmp/gpu-logs \
 #     bash benchmarks/gpu.sh [benchmarks/results/gpu.json]
 #
-# Installs nothing and needs no network. It budgets about 7 minutes: ours ~2 min per batch size
-# (compilation included), diffusers ~1.5 min for both. A part whose python is missing is skipped
+# Installs nothing and needs no network. It budgets about 7 minutes: diffusers ~1.5 min for both batch
+# sizes, ours ~2 min per batch size (compilation included). A part whose python is missing is skipped
 # and the reason written to the JSON.
 #
-# Wheels that must be carried to the machine (no network there), into two virtual environments:
-#   JAX_PYTHON:   jax==0.10.2 jaxlib==0.10.2 jax-cuda12-plugin==0.10.2 jax-cuda12-pjrt==0.10.2 and the
-#                 NVIDIA wheels they pull (nvidia-cublas-cu12 nvidia-cuda-cupti-cu12 nvidia-cuda-nvcc-cu12
-#                 nvidia-cuda-runtime-cu12 nvidia-cudnn-cu12 nvidia-cufft-cu12 nvidia-cusolver-cu12
-#                 nvidia-cusparse-cu12 nvidia-nccl-cu12 nvidia-nvjitlink-cu12), flax==0.12.8 optax==0.2.8
-#                 ml_collections numpy pillow safetensors tqdm, then this repository:
-#                 `pip install --no-index --find-links wheels/ ... && pip install --no-deps -e .`
-#   TORCH_PYTHON: torch==2.13.0 (a CUDA 12 build, with its nvidia-* wheels), diffusers transformers
-#                 safetensors huggingface_hub numpy pillow.
+# JAX_PYTHON needs jax with its CUDA plugin (jax[cuda12] or jax[cuda13]), flax, optax and numpy, and this
+# repository importable (`pip install --no-deps -e .` or PYTHONPATH); TORCH_PYTHON needs a CUDA build of
+# torch and diffusers. One python can hold both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-benchmarks/results/gpu.json}
@@ -26,35 +20,44 @@ JAX_PYTHON=${JAX_PYTHON:-python3}
 TORCH_PYTHON=${TORCH_PYTHON:-}
 TMP=$(mktemp -d)
 trap 'rm -rf "$TMP"' EXIT
-mkdir -p "$(dirname "$OUT")"
+LOGS=${LOG_DIR:-$TMP}  # set LOG_DIR to keep each part's output
+mkdir -p "$(dirname "$OUT")" "$LOGS"
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$TMP/gpu.txt" 2>&1 || true
-
-# Ours: one process per batch size (its device peak memory is its own). remat "none": the card has room.
-for batch in 1 8; do
-  if command -v "$JAX_PYTHON" > /dev/null; then
-    timeout 160 "$JAX_PYTHON" benchmarks/unet.py --worker ours --configs sd15 --batch "$batch" \
-      --dtype bfloat16 --remat none --repeats 10 > "$TMP/ours_$batch.txt" 2>&1 || echo "exit $?" >> "$TMP/ours_$batch.txt"
-  else
-    echo "JAX_PYTHON=$JAX_PYTHON not found" > "$TMP/ours_$batch.txt"
-  fi
-done
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader > "$LOGS/gpu.txt" 2>&1 || true
 
 # diffusers on PyTorch, fp16 with scaled_dot_product_attention, both batch sizes in one process.
 if [ -n "$TORCH_PYTHON" ] && command -v "$TORCH_PYTHON" > /dev/null; then
-  timeout 140 "$TORCH_PYTHON" benchmarks/gpu_peer_torch.py --batch 1,8 --repeats 10 > "$TMP/torch.txt" 2>&1 \
-    || echo "exit $?" >> "$TMP/torch.txt"
+  timeout 130 "$TORCH_PYTHON" benchmarks/gpu_peer_torch.py --batch 1,8 --repeats 10 > "$LOGS/torch.txt" 2>&1 \
+    || echo "exit $?" >> "$LOGS/torch.txt"
 else
-  echo "TORCH_PYTHON=${TORCH_PYTHON:-unset} not found" > "$TMP/torch.txt"
+  echo "TORCH_PYTHON=${TORCH_PYTHON:-unset} not found" > "$LOGS/torch.txt"
 fi
 
+# Ours: one process per batch size (its device peak memory is its own). remat "none": the card has room.
+# Attention is cuDNN's fused kernel; if that program fails, the batch size runs again with XLA's.
+ours() {  # batch, attention
+  timeout 150 "$JAX_PYTHON" benchmarks/unet.py --worker ours --configs sd15 --batch "$1" --dtype bfloat16 \
+    --remat none --repeats 10 --gpu-attention "$2" > "$LOGS/ours_$1_$2.txt" 2>&1 || echo "exit $?" >> "$LOGS/ours_$1_$2.txt"
+  grep -q "^BENCH_RESULT " "$LOGS/ours_$1_$2.txt"
+}
+for batch in 1 8; do
+  if ! command -v "$JAX_PYTHON" > /dev/null; then
+    echo "JAX_PYTHON=$JAX_PYTHON not found" > "$LOGS/ours_${batch}_cudnn.txt"
+  elif ! ours "$batch" cudnn; then
+    ours "$batch" xla || true
+  fi
+done
+
 # Collect: one JSON with each part's results (or the tail of its output) and the ratios ours / diffusers.
-python3 - "$TMP" "$OUT" <<'EOF'
+python3 - "$LOGS" "$OUT" <<'EOF'
 import json, os, sys
 tmp, out_path = sys.argv[1], sys.argv[2]
 
 def results(name):
-  text = open(os.path.join(tmp, name)).read()
+  path = os.path.join(tmp, name)
+  if not os.path.exists(path):
+    return [], []
+  text = open(path).read()
   found = [json.loads(l[len("BENCH_RESULT "):]) for l in text.splitlines() if l.startswith("BENCH_RESULT ")]
   return found, text.strip().splitlines()[-8:]
 
@@ -63,7 +66,10 @@ out = {"gpu": open(os.path.join(tmp, "gpu.txt")).read().strip(), "config": "sd15
 torch_results, torch_tail = results("torch.txt")
 by_batch = {r["batch"]: r for r in torch_results}
 for batch in (1, 8):
-  found, tail = results(f"ours_{batch}.txt")
+  found, tail = results(f"ours_{batch}_cudnn.txt")
+  if not found:  # the fallback to XLA's attention, if it ran
+    found, fallback_tail = results(f"ours_{batch}_xla.txt")
+    tail = {"cudnn": tail, "xla": fallback_tail}
   entry = {"ours": found[0] if found else {"error": tail},
            "diffusers_torch": by_batch.get(batch, {"error": torch_tail})}
   ours, peer = entry["ours"], entry["diffusers_torch"]

@@ -77,13 +77,16 @@ def reference_flops(fn, *args) -> float | None:
 
   from diffusion_jax.nn import attention
   tiled = getattr(attention, "tiled_attention", None)  # absent in revisions before the tiled attention
+  fused = getattr(attention, "GPU_IMPLEMENTATION", None)  # a cuDNN call has no FLOP count either
   if tiled is not None:
     attention.tiled_attention = lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v)
+  attention.GPU_IMPLEMENTATION = None
   try:
     return common.flops_of(jax.jit(fn).lower(*args))
   finally:
     if tiled is not None:
       attention.tiled_attention = tiled
+    attention.GPU_IMPLEMENTATION = fused
 
 
 def device_peak_gb() -> float | None:
@@ -93,17 +96,22 @@ def device_peak_gb() -> float | None:
   return stats["peak_bytes_in_use"] / 1e9 if stats and "peak_bytes_in_use" in stats else None
 
 
-def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: bool, batch: int | None = None) -> dict:
+def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: bool, batch: int | None = None,
+                gpu_attention: str = "cudnn") -> dict:
   """Our UNet on one configuration: compile times, forward and train-step medians, FLOPs, peak memory."""
   import time
 
+  import flax
   import jax
   import jax.numpy as jnp
   import optax
   from flax.linen import meta
 
-  from diffusion_jax.nn.unet import UNet, UNetConfig
   from diffusion_jax import xla_options
+  from diffusion_jax.nn import attention
+  from diffusion_jax.nn.unet import UNet, UNetConfig
+
+  attention.GPU_IMPLEMENTATION = None if gpu_attention == "xla" else gpu_attention
 
   ref_cfg, default_batch, seq = CONFIGS[name]
   batch = batch or default_batch
@@ -122,7 +130,8 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   # compiler's memory never stacks on top of parameters and optimizer state (as train.py does).
   key = jax.random.key(0)
   abstract = jax.eval_shape(init, key)
-  out = {"system": "ours", "size": name, "batch": batch, "jax": jax.__version__, "devices": str(jax.devices()[0]),
+  out = {"system": "ours", "size": name, "batch": batch, "jax": jax.__version__, "flax": flax.__version__,
+         "devices": str(jax.devices()[0]), "gpu_attention": gpu_attention,
          "params": sum(v.size for v in jax.tree.leaves(abstract)), "dtype": dtype_name, "remat": remat,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
@@ -194,6 +203,7 @@ def run_ours(args, name: str) -> dict:
     argv += ["--batch", str(args.batch)]
   if args.no_train:
     argv.append("--no-train")
+  argv += ["--gpu-attention", args.gpu_attention]
   env = {"XLA_FLAGS": args.xla_flags} if args.xla_flags is not None else {}
   if args.pythonpath:  # another revision of the package (e.g. a baseline), ahead of the installed one
     env["PYTHONPATH"] = os.pathsep.join([args.pythonpath, os.environ.get("PYTHONPATH", "")])
@@ -243,6 +253,7 @@ def main():
   parser.add_argument("--dtype", default="float32", help="our compute dtype")
   parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our worker (default: inherited)")
   parser.add_argument("--no-train", action="store_true", help="forward only")
+  parser.add_argument("--gpu-attention", default="cudnn", help="on a GPU: 'cudnn' (fused, 16-bit) or 'xla'")
   parser.add_argument("--batch", type=int, default=None, help="our batch size (default: the configuration's)")
   parser.add_argument("--pythonpath", default=None, help="directory holding another diffusion_jax to time as ours")
   parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results", "unet.json"))
@@ -256,7 +267,7 @@ def main():
     from diffusion_jax import host_memory
     host_memory.reexec_with_huge_pages()  # as train.py and sample.py do
     return common.emit(worker_ours(names[0], args.repeats, args.remat or DEFAULT_REMAT[names[0]], args.dtype,
-                                   not args.no_train, args.batch))
+                                   not args.no_train, args.batch, args.gpu_attention))
 
   peers = [p for p in args.peers.split(",") if p]
   result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

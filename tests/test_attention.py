@@ -69,3 +69,34 @@ def test_multi_head_attention_on_cpu_uses_tiles_and_agrees():
   assert rel_l2(got, want) <= 1e-6
   jaxpr = str(jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat))
   assert "custom_vjp_call" in jaxpr  # the tiled path, not jax.nn.dot_product_attention's
+
+
+def test_fused_attention_falls_back_where_the_kernel_is_missing(monkeypatch):
+  # On this CPU there is no cuDNN: the fused call says so and multi_head_attention uses XLA's, so the
+  # GPU path's fallback is exercised here by pretending to be a GPU.
+  q, k, v, _ = qkv(2, 16, 7, 4, 8)
+  q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
+  with pytest.warns(UserWarning, match="fused attention"):
+    assert attention.fused_attention(q, k, v) is None
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]
+  got = attention.multi_head_attention(*flat, heads=4)
+  want = jax.nn.dot_product_attention(q, k, v).reshape(2, 16, 32)
+  assert got.dtype == jnp.bfloat16
+  assert rel_l2(got.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2
+  jaxpr = str(jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat))
+  assert "custom_vjp_call" not in jaxpr  # not the CPU's tiled path
+
+
+def test_fused_attention_is_asked_for_16_bit_unmasked_attention_on_a_gpu(monkeypatch):
+  calls = []
+  monkeypatch.setattr(attention, "fused_attention", lambda q, k, v, causal, impl: calls.append((q.dtype, impl)))
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  q, k, v, _ = qkv(1, 8, 8, 2, 8)
+  flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]
+  attention.multi_head_attention(*flat, heads=2)  # float32: XLA's
+  attention.multi_head_attention(*(x.astype(jnp.bfloat16) for x in flat), heads=2)
+  attention.multi_head_attention(*(x.astype(jnp.float16) for x in flat), heads=2, mask=jnp.ones((1, 1, 8, 8), bool))
+  monkeypatch.setattr(attention, "GPU_IMPLEMENTATION", None)
+  attention.multi_head_attention(*(x.astype(jnp.bfloat16) for x in flat), heads=2)
+  assert calls == [(jnp.bfloat16, "cudnn")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import flax.linen as nn
 import jax
@@ -15,11 +16,18 @@ from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, Sp
 CPU_TILE_ELEMENTS = 1 << 20
 
 
+# On NVIDIA GPUs, 16-bit attention without a mask runs as cuDNN's fused (flash) attention, which never
+# holds the [B, N, T, S] scores in memory; set to None to use XLA's own attention there instead.
+GPU_IMPLEMENTATION: str | None = "cudnn"
+_FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+
+
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False):
   """Scaled dot-product attention on [B, T, heads*Dh] projections.
 
-  On the CPU, unmasked attention runs tile by tile (`tiled_attention`); elsewhere, and with a mask,
-  through `jax.nn.dot_product_attention`.
+  On the CPU, unmasked attention runs tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked
+  attention through cuDNN's fused kernel (`fused_attention`) where this JAX and GPU have it; otherwise,
+  and with a mask, through XLA's `jax.nn.dot_product_attention`.
   """
   b, tq, inner = q.shape
   tk = k.shape[1]
@@ -28,11 +36,35 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
   q = q.reshape(b, tq, heads, dh)
   k = k.reshape(b, tk, heads, dh)
   v = v.reshape(b, tk, heads, dh)
-  if mask is None and not is_causal and jax.default_backend() == "cpu":
+  backend = jax.default_backend()
+  out = None
+  if mask is None and backend == "cpu" and not is_causal:
     out = tiled_attention(q, k, v)
-  else:
+  elif mask is None and backend == "gpu" and GPU_IMPLEMENTATION and q.dtype in _FUSED_DTYPES:
+    out = fused_attention(q, k, v, is_causal, GPU_IMPLEMENTATION)
+  if out is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return out.reshape(b, tq, inner)  # [B, T, C]
+
+
+def fused_attention(q, k, v, is_causal: bool = False, implementation: str = "cudnn"):
+  """`jax.nn.dot_product_attention` with a fused `implementation`, or None where it has none.
+
+  JAX checks the library, the GPU and the shapes (cuDNN: head dim a multiple of 8, at most 128, or 256
+  on Hopper) while tracing and raises if one is not supported; the caller then falls back to XLA's.
+  """
+  try:
+    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
+  except NotImplementedError:  # a shape the kernel lacks (the VAE's single 512-wide head): expected
+    return None
+  except RuntimeError as error:  # no cuDNN, or one too old: worth saying once
+    _warn_once(f"fused attention ({implementation}) is not available: {error}; using XLA's attention")
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  warnings.warn(message, stacklevel=3)
 
 
 def tiled_attention(q, k, v, tile_elements: int = CPU_TILE_ELEMENTS):
