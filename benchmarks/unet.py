@@ -13,6 +13,7 @@ warm-up, as in the peers' script. Ratios are ours / peer (below 1: we are faster
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import sys
@@ -89,6 +90,19 @@ def reference_flops(fn, *args) -> float | None:
     attention.GPU_IMPLEMENTATION = fused
 
 
+def random_params(abstract):
+  """0.02 * normal for every leaf of `abstract`: one small program per distinct shape."""
+  import jax
+
+  @functools.lru_cache(maxsize=None)
+  def make(shape, dtype):
+    return jax.jit(lambda key: 0.02 * jax.random.normal(key, shape, dtype))
+
+  leaves, tree = jax.tree.flatten(abstract)
+  keys = jax.random.split(jax.random.key(0), len(leaves))
+  return jax.tree.unflatten(tree, [make(a.shape, a.dtype)(k) for a, k in zip(leaves, keys)])
+
+
 def device_peak_gb() -> float | None:
   """Peak memory in use on an accelerator (None on the CPU, where peak_rss_gb says it)."""
   import jax
@@ -112,6 +126,12 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   from diffusion_jax.nn.unet import UNet, UNetConfig
 
   attention.GPU_IMPLEMENTATION = None if gpu_attention == "xla" else gpu_attention
+  began = time.perf_counter()
+
+  def progress(stage: str) -> None:  # on stderr, so that a run stopped part-way still says how far it got
+    print(f"# {time.perf_counter() - began:7.1f} s  {stage}", file=sys.stderr, flush=True)
+
+  progress(f"{jax.devices()[0]}, jax {jax.__version__}")
 
   ref_cfg, default_batch, seq = CONFIGS[name]
   batch = batch or default_batch
@@ -144,11 +164,19 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   out["fwd_compiler_options"] = options = xla_options.compiler_options()
   forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c), compiler_options=options)
   forward_c, out["fwd_compile_s"] = compile_timed(forward, abstract, x, t, context)
+  progress(f"forward compiled in {out['fwd_compile_s']:.1f} s")
   out["peak_rss_gb_after_fwd_compile"] = common.peak_rss_gb()
   out["fwd_flops_xla_loops_once"] = common.flops_of(forward_c)
   out["fwd_flops"] = reference_flops(lambda p: model.apply({"params": p}, x, t, context), abstract)
-  params = jax.jit(init)(key)
+  progress("forward FLOPs counted")
+  if jax.default_backend() == "cpu":
+    params = jax.jit(init)(key)
+  else:  # Flax's init program takes minutes to compile for SD 1.5 on a GPU; the values do not matter there
+    out["init"] = "0.02 * normal per leaf"
+    params = random_params(abstract)
+  progress("parameters initialised")
   out["fwd_ms"] = common.median_ms(lambda: forward_c(params, x, t, context).block_until_ready(), repeats)
+  progress(f"forward {out['fwd_ms']:.1f} ms")
   out["peak_rss_gb_after_fwd"] = common.peak_rss_gb()
   if not train:
     return out
@@ -169,8 +197,10 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   out["train_compiler_options"] = options
   step_c, out["train_compile_s"] = compile_timed(
       jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options), *abstract_state)
+  progress(f"train step compiled in {out['train_compile_s']:.1f} s")
   out["train_flops_xla_loops_once"] = common.flops_of(step_c)
   out["train_flops"] = reference_flops(train_step, *abstract_state)
+  progress("train step FLOPs counted")
   out["peak_rss_gb_after_train_compile"] = common.peak_rss_gb()
   state = [params, jax.jit(tx.init)(params)]
   del params
@@ -181,6 +211,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
     state[0], state[1] = p, s
 
   out["train_ms"] = common.median_ms(train, repeats)
+  progress(f"train step {out['train_ms']:.1f} ms")
   out["peak_rss_gb"] = common.peak_rss_gb()
   out["device_peak_gb"] = device_peak_gb()
   return out
