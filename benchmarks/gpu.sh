@@ -6,8 +6,8 @@
 #   JAX_PYTHON=python3 TORCH_PYTHON=python3 PYTHONPATH=$PWD LOG_DIR=/tmp/gpu-logs \
 #     bash benchmarks/gpu.sh [benchmarks/results/gpu.json]
 #
-# Installs nothing and needs no network. It takes about 8 minutes on an H100: diffusers ~1.5 min for
-# both batch sizes, ours ~3 min per batch size, most of it compilation (SD 1.5's bf16 train step took
+# Installs nothing and needs no network. By the parts timed on an H100 it takes about 8 minutes:
+# diffusers under 2 min for both batch sizes, ours ~3 min per batch size, most of it compilation (SD 1.5's bf16 train step took
 # 95 s to compile, the forward 28 s). A part whose python is missing is skipped and the reason written
 # to the JSON.
 #
