@@ -171,7 +171,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   progress("forward FLOPs counted")
   if jax.default_backend() == "cpu":
     params = jax.jit(init)(key)
-  else:  # Flax's init program takes minutes to compile for SD 1.5 on a GPU; the values do not matter there
+  else:  # Flax's init (every initialiser in one program) is slow to compile; speed there ignores the values
     out["init"] = "0.02 * normal per leaf"
     params = random_params(abstract)
   progress("parameters initialised")
