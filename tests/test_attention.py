@@ -90,13 +90,18 @@ def test_fused_attention_falls_back_where_the_kernel_is_missing(monkeypatch):
 
 def test_fused_attention_is_asked_for_16_bit_unmasked_attention_on_a_gpu(monkeypatch):
   calls = []
-  monkeypatch.setattr(attention, "fused_attention", lambda q, k, v, causal, impl: calls.append((q.dtype, impl)))
+  monkeypatch.setattr(attention, "fused_attention", lambda q, k, v, impl: calls.append((q.dtype, q.shape[-1], impl)))
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   q, k, v, _ = qkv(1, 8, 8, 2, 8)
-  flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]
+  flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]  # [1, 8, 16]
+  half = [x.astype(jnp.bfloat16) for x in flat]
   attention.multi_head_attention(*flat, heads=2)  # float32: XLA's
-  attention.multi_head_attention(*(x.astype(jnp.bfloat16) for x in flat), heads=2)
+  attention.multi_head_attention(*half, heads=2)  # the one fused call
   attention.multi_head_attention(*(x.astype(jnp.float16) for x in flat), heads=2, mask=jnp.ones((1, 1, 8, 8), bool))
+  attention.multi_head_attention(*half, heads=2, is_causal=True)  # the text encoder's
+  attention.multi_head_attention(*half, heads=4)  # head dim 4: not a multiple of 8
+  wide = [jnp.tile(x, (1, 1, 64)) for x in half]  # [1, 8, 1024]: one head of 1024 > 256, as the VAE's 512
+  attention.multi_head_attention(*wide, heads=1)
   monkeypatch.setattr(attention, "GPU_IMPLEMENTATION", None)
-  attention.multi_head_attention(*(x.astype(jnp.bfloat16) for x in flat), heads=2)
-  assert calls == [(jnp.bfloat16, "cudnn")]
+  attention.multi_head_attention(*half, heads=2)
+  assert calls == [(jnp.bfloat16, 8, "cudnn")]

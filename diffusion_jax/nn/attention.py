@@ -16,18 +16,21 @@ from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, Sp
 CPU_TILE_ELEMENTS = 1 << 20
 
 
-# On NVIDIA GPUs, 16-bit attention without a mask runs as cuDNN's fused (flash) attention, which never
-# holds the [B, N, T, S] scores in memory; set to None to use XLA's own attention there instead.
+# On NVIDIA GPUs, the UNet's 16-bit attention (no mask, not causal) runs as cuDNN's fused (flash)
+# attention, which never holds the [B, N, T, S] scores in memory; set to None to use XLA's own attention
+# there instead. Measured on an H100 (benchmarks/RESULTS.md); the text encoder's short causal attention
+# gains nothing from it and keeps XLA's.
 GPU_IMPLEMENTATION: str | None = "cudnn"
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
+_FUSED_MAX_HEAD_DIM = 256  # cuDNN's limit on Hopper (128 before); the VAE's single 512-wide head is above it
 
 
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False):
   """Scaled dot-product attention on [B, T, heads*Dh] projections.
 
   On the CPU, unmasked attention runs tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked
-  attention through cuDNN's fused kernel (`fused_attention`) where this JAX and GPU have it; otherwise,
-  and with a mask, through XLA's `jax.nn.dot_product_attention`.
+  non-causal attention through cuDNN's fused kernel (`fused_attention`) where this JAX, GPU and head
+  size have it; otherwise, and with a mask, through XLA's `jax.nn.dot_product_attention`.
   """
   b, tq, inner = q.shape
   tk = k.shape[1]
@@ -40,22 +43,23 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
   out = None
   if mask is None and backend == "cpu" and not is_causal:
     out = tiled_attention(q, k, v)
-  elif mask is None and backend == "gpu" and GPU_IMPLEMENTATION and q.dtype in _FUSED_DTYPES:
-    out = fused_attention(q, k, v, is_causal, GPU_IMPLEMENTATION)
+  elif (mask is None and backend == "gpu" and not is_causal and GPU_IMPLEMENTATION and q.dtype in _FUSED_DTYPES
+        and dh <= _FUSED_MAX_HEAD_DIM and dh % 8 == 0):
+    out = fused_attention(q, k, v, GPU_IMPLEMENTATION)
   if out is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return out.reshape(b, tq, inner)  # [B, T, C]
 
 
-def fused_attention(q, k, v, is_causal: bool = False, implementation: str = "cudnn"):
+def fused_attention(q, k, v, implementation: str = "cudnn"):
   """`jax.nn.dot_product_attention` with a fused `implementation`, or None where it has none.
 
   JAX checks the library, the GPU and the shapes (cuDNN: head dim a multiple of 8, at most 128, or 256
   on Hopper) while tracing and raises if one is not supported; the caller then falls back to XLA's.
   """
   try:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=is_causal, implementation=implementation)
-  except NotImplementedError:  # a shape the kernel lacks (the VAE's single 512-wide head): expected
+    return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+  except (NotImplementedError, ValueError):  # a GPU or shape the kernel lacks (e.g. head dim > 128 before Hopper)
     return None
   except RuntimeError as error:  # no cuDNN, or one too old: worth saying once
     _warn_once(f"fused attention ({implementation}) is not available: {error}; using XLA's attention")
