@@ -7,9 +7,9 @@
 #     bash benchmarks/gpu.sh [benchmarks/results/gpu.json]
 #
 # Installs nothing and needs no network. By the parts timed on an H100 it takes about 8 minutes:
-# diffusers under 2 min for both batch sizes, ours ~3 min per batch size, most of it compilation (SD 1.5's bf16 train step took
-# 95 s to compile, the forward 28 s). A part whose python is missing is skipped and the reason written
-# to the JSON.
+# diffusers under 2 min for both batch sizes, ours ~3 min per batch size, most of it compilation
+# (SD 1.5's bf16 train step took 95 s to compile, the forward 28 s). A part whose python is missing
+# is skipped and the reason written to the JSON.
 #
 # JAX_PYTHON needs jax with its CUDA plugin (jax[cuda12] or jax[cuda13]), flax, optax and numpy, and this
 # repository importable (`pip install --no-deps -e .` or PYTHONPATH); TORCH_PYTHON needs a CUDA build of
