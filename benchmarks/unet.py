@@ -90,7 +90,7 @@ def reference_flops(fn, *args) -> float | None:
     attention.GPU_IMPLEMENTATION = fused
 
 
-def random_params(abstract):
+def normal_params(abstract):
   """0.02 * normal for every leaf of `abstract`: one small program per distinct shape."""
   import jax
 
@@ -173,7 +173,7 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
     params = jax.jit(init)(key)
   else:  # Flax's init (every initialiser in one program) is slow to compile; speed there ignores the values
     out["init"] = "0.02 * normal per leaf"
-    params = random_params(abstract)
+    params = normal_params(abstract)
   progress("parameters initialised")
   out["fwd_ms"] = common.median_ms(lambda: forward_c(params, x, t, context).block_until_ready(), repeats)
   progress(f"forward {out['fwd_ms']:.1f} ms")
