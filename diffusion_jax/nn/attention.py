@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, SplitDense
+from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, SplitDense, gelu
 
 
 # Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches: measured best among
@@ -79,6 +79,8 @@ def tiled_attention(q, k, v, tile_elements: int = CPU_TILE_ELEMENTS):
   probabilities from the saved log-sum-exp (as flash attention does) instead of storing [B, N, T, S].
   """
   b, t, n, dh = q.shape
+  # The softmax scale goes on q ([T, Dh]) rather than on every [T, S] score, forward and backward.
+  q = q * jnp.asarray(dh ** -0.5, q.dtype)
   # [B, T, N, Dh] -> [B*N, T, Dh]
   qp, kp, vp = (jnp.swapaxes(x, 1, 2).reshape(b * n, x.shape[1], dh) for x in (q, k, v))
   out = _tiled_attention(qp, kp, vp, tile_elements)
@@ -107,8 +109,9 @@ def _from_tiles(x):  # [P/g, T/c, g, c, Dh] -> [P, T, Dh]
   return x.transpose(0, 2, 1, 3, 4).reshape(pg * g, tc * c, dh)
 
 
+# q arrives scaled by 1/sqrt(Dh) (tiled_attention), so the tiles compute softmax(q k^T) v.
 def _tile_forward(q, k, v):  # [g, c, Dh], [g, S, Dh] -> out [g, c, Dh], log-sum-exp [g, c, 1]
-  s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+  s = jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32)
   m = jnp.max(s, axis=-1, keepdims=True)
   p = jnp.exp(s - m)
   denom = jnp.sum(p, axis=-1, keepdims=True)
@@ -117,14 +120,13 @@ def _tile_forward(q, k, v):  # [g, c, Dh], [g, S, Dh] -> out [g, c, Dh], log-sum
 
 
 def _tile_backward(q, k, v, out, lse, d_out):  # -> dq [g, c, Dh], dk^T and dv^T [g, Dh, S] (float32)
-  scale = q.shape[-1] ** -0.5
-  p = jnp.exp(jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) * scale - lse)
+  p = jnp.exp(jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) - lse)
   # dk^T and dv^T rather than dk and dv: the [c, S] matrix then sits on the right of the product, in
   # the layout the CPU matmul kernels take directly (the transposed form is 2-3x slower).
   dv_t = jnp.einsum("gqd,gqk->gdk", d_out, p.astype(d_out.dtype), preferred_element_type=jnp.float32)
   dp = jnp.einsum("gqd,gkd->gqk", d_out, v, preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  ds = (p * (dp - delta) * scale).astype(q.dtype)
+  ds = (p * (dp - delta)).astype(q.dtype)
   dq = jnp.einsum("gqk,gkd->gqd", ds, k, preferred_element_type=jnp.float32)
   dk_t = jnp.einsum("gqd,gqk->gdk", q, ds, preferred_element_type=jnp.float32)
   return dq, dk_t, dv_t
@@ -205,7 +207,7 @@ class GEGLU(nn.Module):
   @nn.compact
   def __call__(self, x):  # [B, T, C] -> [B, T, inner]
     value, gate = SplitDense(self.inner_dim, name="proj", dtype=self.dtype, param_dtype=self.param_dtype)(x)
-    return value * nn.gelu(gate, approximate=False)
+    return value * gelu(gate)
 
 
 class FeedForward(nn.Module):

@@ -7,6 +7,7 @@ generic rule instead of a per-model table.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -81,14 +82,102 @@ def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any =
                  bias_init=_partitioned(nn.initializers.zeros_init(), BIAS_AXES), name=name)
 
 
-def GroupNorm(num_groups: int = 32, epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32,
-              param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.GroupNorm:
-  """GroupNorm with statistics always in float32 (bf16 statistics drift visibly in the VAE)."""
-  # use_fast_variance=False: E[x^2]-E[x]^2 loses digits against torch's two-pass variance.
-  return nn.GroupNorm(num_groups=num_groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype,
-                      use_fast_variance=False, reduction_axes=None,
-                      scale_init=_partitioned(nn.initializers.ones_init(), NORM_AXES),
-                      bias_init=_partitioned(nn.initializers.zeros_init(), NORM_AXES), name=name)
+def gelu(x):
+  """Exact GELU, x Phi(x), in torch's form 0.5 x (1 + erf(x / sqrt(2))).
+
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA's CPU code computes about 1.4x
+  slower than erf (GEGLU forward and backward at [8192, 512]: 33 vs 23 ms).
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
+class GroupNorm(nn.Module):
+  """GroupNorm over the last (channel) axis of [B, ..., C], statistics always in float32.
+
+  Same parameters (`scale`, `bias`) and results as `nn.GroupNorm(use_fast_variance=False)` and
+  torch's GroupNorm (two-pass variance; bf16 statistics drift visibly in the VAE), computed per
+  (sample, channel) with a hand-written backward pass: every pass over the activation runs with
+  channels innermost and reads [B, C] coefficients, instead of XLA re-deriving them per element over
+  a [B, ..., groups, C/groups] view.
+  """
+  num_groups: int = 32
+  epsilon: float = 1e-5
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [B, ..., C] -> [B, ..., C]
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm: {channels} channels do not split into {self.num_groups} groups")
+    scale = self.param("scale", _partitioned(nn.initializers.ones_init(), NORM_AXES), (channels,),
+                       self.param_dtype)
+    bias = self.param("bias", _partitioned(nn.initializers.zeros_init(), NORM_AXES), (channels,),
+                      self.param_dtype)
+    y = group_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), self.num_groups, self.epsilon)
+    return y.astype(self.dtype)
+
+
+def _per_channel(v, channels):  # [B, G] -> [B, C]: each group's value repeated over its channels
+  return jnp.repeat(v, channels // v.shape[1], axis=1)
+
+
+def _group_sum(v, groups):  # [B, C] -> [B, G]
+  return v.reshape(v.shape[0], groups, -1).sum(-1)
+
+
+def _group_stats(x, groups: int, epsilon: float):  # x [B, N, C] float32 -> mean, 1/std [B, G]
+  b, n, c = x.shape
+  count = n * (c // groups)
+  mean = _group_sum(jnp.sum(x, axis=1), groups) / count
+  centred = x - _per_channel(mean, c)[:, None, :]
+  var = _group_sum(jnp.sum(centred * centred, axis=1), groups) / count
+  return mean, jax.lax.rsqrt(var + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def group_norm(x, scale, bias, groups: int, epsilon: float):
+  """(x - mean) / sqrt(var + eps) * scale + bias per (sample, group) of [B, ..., C]; float32 result."""
+  return _group_norm_fwd(x, scale, bias, groups, epsilon)[0]
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon):
+  b, c = x.shape[0], x.shape[-1]
+  x3 = x.reshape(b, -1, c).astype(jnp.float32)  # [B, N, C]
+  mean, rstd = _group_stats(x3, groups, epsilon)
+  mean_c = _per_channel(mean, c)
+  a = _per_channel(rstd, c) * scale  # y = (x - mean) a + bias, per (sample, channel)
+  # Materialise the [B, C] coefficients: otherwise XLA recomputes them for every element of x.
+  mean_c, a = jax.lax.optimization_barrier((mean_c, a))
+  y = (x3 - mean_c[:, None, :]) * a[:, None, :] + bias
+  return y.reshape(x.shape), (x, scale, mean, rstd)
+
+
+def _group_norm_bwd(groups, epsilon, residuals, dy):
+  del epsilon
+  x, scale, mean, rstd = residuals
+  b, c = x.shape[0], x.shape[-1]
+  mean_c, rstd_c = _per_channel(mean, c), _per_channel(rstd, c)
+  mean_c = jax.lax.optimization_barrier(mean_c)
+  centred = x.reshape(b, -1, c).astype(jnp.float32) - mean_c[:, None, :]  # [B, N, C]
+  dy3 = dy.reshape(b, -1, c).astype(jnp.float32)
+  count = centred.shape[1] * (c // groups)
+  sum_dy, sum_dy_centred = jnp.sum(dy3, axis=1), jnp.sum(dy3 * centred, axis=1)  # [B, C]
+  d_bias = jnp.sum(sum_dy, axis=0)
+  d_scale = jnp.sum(rstd_c * sum_dy_centred, axis=0)  # sum of dy * x_hat
+  # dx = rstd (g - mean(g) - x_hat mean(g x_hat)) with g = scale dy and means over each group,
+  # as dx = a dy + b (x - mean) + c with [B, C] coefficients.
+  mean_g = _group_sum(scale * sum_dy, groups) / count  # [B, G]
+  mean_g_xhat = rstd * _group_sum(scale * sum_dy_centred, groups) / count
+  coef_dy = rstd_c * scale
+  coef_centred = _per_channel(-rstd * rstd * mean_g_xhat, c)
+  coef_1 = _per_channel(-rstd * mean_g, c)
+  coef_dy, coef_centred, coef_1 = jax.lax.optimization_barrier((coef_dy, coef_centred, coef_1))
+  dx = dy3 * coef_dy[:, None, :] + centred * coef_centred[:, None, :] + coef_1[:, None, :]
+  return dx.reshape(x.shape).astype(x.dtype), d_scale, d_bias
+
+
+group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def LayerNorm(epsilon: float = 1e-5, *, dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,

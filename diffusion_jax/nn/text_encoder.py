@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from diffusion_jax.nn.attention import multi_head_attention
-from diffusion_jax.nn.layers import Dense, Dtype, LayerNorm
+from diffusion_jax.nn.layers import Dense, Dtype, LayerNorm, gelu
 
 ACTIVATIONS = ("quick_gelu", "gelu")
 
@@ -27,7 +27,7 @@ def activation(name: str):
   if name == "quick_gelu":
     return lambda x: x * jax.nn.sigmoid(1.702 * x)
   if name == "gelu":
-    return lambda x: nn.gelu(x, approximate=False)
+    return gelu
   raise ValueError(f"unsupported hidden_act {name!r}; expected one of {ACTIVATIONS}")
 
 
