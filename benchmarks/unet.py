@@ -9,6 +9,11 @@ this order: ceiling, then per configuration ours, diffusers-torch, diffusers-fla
 timing script (/work/shared/bench/peer_unet.py) unchanged in their own virtual environments; a peer whose
 python is missing is skipped with the reason recorded. Times are medians of `--repeats` calls after one
 warm-up, as in the peers' script. Ratios are ours / peer (below 1: we are faster).
+
+With `--rounds N` the sequence (ours, then each peer) runs N times per configuration, so every peer
+figure has one of ours measured minutes from it; the entry then holds each round and, per system, the
+median of the rounds' times, and the ratios are medians of the per-round ratios. This shared machine's
+speed drifts by 10-20% over minutes, which one round cannot tell from a real difference.
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ import argparse
 import functools
 import os
 import platform
+import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -271,10 +277,50 @@ def derived(ours: dict, ceiling: float | None) -> dict:
   return out
 
 
+def run_round(args, name: str, peers: list[str], ceiling_gflops, round_index: int) -> dict:
+  """Ours, then each peer, on configuration `name`: one entry of the results."""
+  label = f" (round {round_index + 1} of {args.rounds})" if args.rounds > 1 else ""
+  print(f"# {name}: ours{label}", file=sys.stderr, flush=True)
+  entry = {"ours": guarded("ours", name, lambda: run_ours(args, name))}
+  entry["ours"].update(derived(entry["ours"], ceiling_gflops))
+  for peer in peers:
+    print(f"# {name}: diffusers-{peer}{label}", file=sys.stderr, flush=True)
+    python = args.peer_torch_python if peer == "torch" else args.peer_flax_python
+    extra = []
+    if args.no_train or (peer == "flax" and name == "sd15" and not args.flax_sd15_train):
+      extra = ["--no-train"]
+    entry[f"diffusers_{peer}"] = guarded(peer, name, lambda: run_peer(python, peer, name, extra))
+    if extra and not args.no_train:
+      entry[f"diffusers_{peer}"]["train_ms"] = None
+      entry[f"diffusers_{peer}"]["train_skipped"] = ("needs more than 24 GiB (killed in the peers' README); "
+                                                     "--flax-sd15-train runs it")
+    entry[f"ours_over_{peer}"] = ratios(entry["ours"], entry[f"diffusers_{peer}"])
+    entry[f"diffusers_{peer}"].update(derived({**entry[f"diffusers_{peer}"], "fwd_flops": entry["ours"].get("fwd_flops"),
+                                               "train_flops": entry["ours"].get("train_flops")}, ceiling_gflops))
+  return entry
+
+
+def combine_rounds(rounds: list[dict], peers: list[str]) -> dict:
+  """Per system the median time over rounds; per peer the median of the per-round ratios."""
+  def median(values):
+    values = [v for v in values if isinstance(v, (int, float))]
+    return statistics.median(values) if values else None
+  out = {"rounds": rounds}
+  for system in ["ours"] + [f"diffusers_{p}" for p in peers]:
+    out[system] = {key: median([r[system].get(key) for r in rounds]) for key in ("fwd_ms", "train_ms")}
+  for peer in peers:
+    key = f"ours_over_{peer}"
+    per_round = {phase: [r[key].get(phase) for r in rounds] for phase in ("fwd", "train")}
+    out[key] = {phase: median(values) for phase, values in per_round.items() if median(values) is not None}
+    out[key]["per_round"] = per_round
+  return out
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--configs", default="small,sd15", help="comma-separated: small, sd15")
   parser.add_argument("--repeats", type=int, default=5, help="timed calls after one warm-up (median)")
+  parser.add_argument("--rounds", type=int, default=1, help="run ours and the peers this many times, alternating")
   parser.add_argument("--peer-torch-python", default="/tmp/peer-torch/bin/python")
   parser.add_argument("--peer-flax-python", default="/tmp/peer-flax/bin/python")
   parser.add_argument("--peers", default="torch,flax", help="which peers to run ('' for none)")
@@ -291,6 +337,8 @@ def main():
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   names = [n for n in args.configs.split(",") if n]
+  if args.rounds < 1:
+    parser.error("--rounds must be at least 1")
 
   if args.worker == "ceiling":
     return common.emit(worker_ceiling(args.repeats))
@@ -309,24 +357,8 @@ def main():
   result["ceiling"] = ceiling
   ceiling_gflops = ceiling.get("gflops_per_s")
   for name in names:
-    print(f"# {name}: ours", file=sys.stderr, flush=True)
-    entry = {"ours": guarded("ours", name, lambda: run_ours(args, name))}
-    entry["ours"].update(derived(entry["ours"], ceiling_gflops))
-    for peer in peers:
-      print(f"# {name}: diffusers-{peer}", file=sys.stderr, flush=True)
-      python = args.peer_torch_python if peer == "torch" else args.peer_flax_python
-      extra = []
-      if args.no_train or (peer == "flax" and name == "sd15" and not args.flax_sd15_train):
-        extra = ["--no-train"]
-      entry[f"diffusers_{peer}"] = guarded(peer, name, lambda: run_peer(python, peer, name, extra))
-      if extra and not args.no_train:
-        entry[f"diffusers_{peer}"]["train_ms"] = None
-        entry[f"diffusers_{peer}"]["train_skipped"] = ("needs more than 24 GiB (killed in the peers' README); "
-                                                       "--flax-sd15-train runs it")
-      entry[f"ours_over_{peer}"] = ratios(entry["ours"], entry[f"diffusers_{peer}"])
-      entry[f"diffusers_{peer}"].update(derived({**entry[f"diffusers_{peer}"], "fwd_flops": entry["ours"].get("fwd_flops"),
-                                                 "train_flops": entry["ours"].get("train_flops")}, ceiling_gflops))
-    result[name] = entry
+    rounds = [run_round(args, name, peers, ceiling_gflops, r) for r in range(args.rounds)]
+    result[name] = rounds[0] if len(rounds) == 1 else combine_rounds(rounds, peers)
   result["machine"]["load_average_end"] = common.load_average()
   common.write_json(result, args.out)
 
