@@ -160,7 +160,7 @@ class Pipeline:
 
     One image per prompt times `num_images`. `latents` ([N, h, w, C] standard normal) replaces the
     seeded noise; `image` (+`strength`) starts from a picture; `mask` (1 = repaint) with `image` inpaints.
-    `progress=True` shows a per-step progress bar (a host callback per step).
+    `progress=True` shows a per-step progress bar (the loop then runs one jitted step at a time).
     """
     self._require("tokenizer", "text_encoder", "vae", "unet")
     if sampler not in samplers.SAMPLERS:
@@ -225,19 +225,16 @@ class Pipeline:
     init_pixels = None if init is None else jnp.asarray(init, jnp.float32) / 127.5 - 1.0
 
     key = jax.random.key(seed)
-    run = self._program(sampler, num_inference_steps, use_cfg, guidance_rescale > 0, start_step,
-                        init is not None, mask is not None, plan, bool(progress))
-    args = (self._replicated_params(), cond, uncond, latents, key, init_pixels,
-            None if mask_arr is None else jnp.asarray(mask_arr),
-            jnp.float32(guidance_scale), jnp.float32(guidance_rescale))
+    program = self._program(sampler, num_inference_steps, use_cfg, guidance_rescale > 0, start_step,
+                            init is not None, mask is not None, plan, bool(progress))
+    args = _shard_batch((self._replicated_params(), cond, uncond, latents, key, init_pixels,
+                         None if mask_arr is None else jnp.asarray(mask_arr),
+                         jnp.float32(guidance_scale), jnp.float32(guidance_rescale)), n)
     if progress:
-      from tqdm import tqdm
-      self._progress_bar = tqdm(total=num_inference_steps - start_step, desc="sampling", unit="step")
-    try:
-      images = np.asarray(run(*_shard_batch(args, n)))[:n]
-    finally:
-      if progress:
-        self._progress_bar.close()
+      images = _run_with_progress(program, args, start_step, num_inference_steps)
+    else:
+      images = program(*args)
+    images = np.asarray(images)[:n]
     if output_type == "np":
       return images
     return np.round(images * 255).astype(np.uint8)
@@ -249,49 +246,85 @@ class Pipeline:
       self._placed_leaves = tuple(map(id, jax.tree.leaves(self.params)))
     return self.params
 
-  def _tick(self, _):
-    if getattr(self, "_progress_bar", None) is not None:
-      self._progress_bar.update(1)
+  def _program(self, sampler, steps, use_cfg, rescale_on, start_step, has_init, has_mask, plan, stepwise):
+    """The jitted generation for one static configuration: text states to images.
 
-  def _program(self, sampler, steps, use_cfg, rescale_on, start_step, has_init, has_mask, plan, progress):
-    """One jitted program (sampling loop + guidance + VAE decode) per static configuration."""
+    Normally one program: the sampling loop, guidance and the VAE decode. With `stepwise` (for a
+    progress bar), three, `(begin, advance, finish)`, and `advance` runs one step at a given index
+    (see `_run_with_progress`): a host callback inside one program would report progress too, but
+    XLA's persistent compilation cache does not store programs that hold one, so every new process
+    would compile the whole loop again.
+    """
     use_rescale = use_cfg and rescale_on
-    key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask, progress)
-    if key in self._compiled:
-      return self._compiled[key]
+    cache_key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask, stepwise)
+    if cache_key in self._compiled:
+      return self._compiled[cache_key]
     scaling = self.configs["vae"].scaling_factor
 
-    def run(params, cond, uncond, noise, rng, init_pixels, mask, scale, rescale):
+    def begin(params, noise, init_pixels):  # -> loop state, clean init latents (None: text to image)
+      init_latents = None
+      if has_init:
+        mean, _ = self.vae.apply({"params": params["vae"]}, init_pixels, method="encode")
+        init_latents = mean * scaling
+      state = samplers.initial_state(sampler, noise, plan, start_step=start_step,
+                                     init_latents=None if has_mask else init_latents)
+      return state, init_latents
+
+    def advance(params, state, first, cond, uncond, noise, rng, init_latents, mask, scale, rescale, *, count):
       def net_fn(x, t, context):  # [B, h, w, C], [B], [B, L, D] -> model output
         return self.unet.apply({"params": params["unet"]}, x, t, context)
 
       model_fn = guidance.guided_model_fn(net_fn, cond, uncond, scale if use_cfg else 1.0,
                                           rescale if use_rescale else 0.0)
-      init_latents = None
-      if has_init:
-        mean, _ = self.vae.apply({"params": params["vae"]}, init_pixels, method="encode")
-        init_latents = mean * scaling
       post_step = samplers.inpaint_post_step(plan, init_latents, noise, mask) if has_mask else None
-      if progress:
-        post_step = _progress_hook(self._tick, post_step)
-      latents = samplers.sample(sampler, model_fn, noise, plan, rng, start_step=start_step,
-                                init_latents=None if has_mask else init_latents, post_step=post_step)
+      return samplers.run_steps(sampler, model_fn, state, plan, rng, first=first, count=count,
+                                post_step=post_step)
+
+    def finish(params, state, init_latents, mask):
+      latents = state[0]
       if has_mask:  # the last step lands on x0: paste the exact known latents
         latents = mask * latents + (1.0 - mask) * init_latents
       images = self.vae.apply({"params": params["vae"]}, latents / scaling, method="decode")
       return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [B, H, W, 3]
 
-    compiled = jax.jit(run, compiler_options=xla_options.compiler_options())
-    self._compiled[key] = compiled
-    return compiled
+    def run(params, cond, uncond, noise, rng, init_pixels, mask, scale, rescale):
+      state, init_latents = begin(params, noise, init_pixels)
+      state = advance(params, state, start_step, cond, uncond, noise, rng, init_latents, mask, scale, rescale,
+                      count=steps - start_step)
+      return finish(params, state, init_latents, mask)
+
+    def jit(fn, **kw):
+      return jax.jit(fn, compiler_options=xla_options.compiler_options(), **kw)
+
+    if stepwise:
+      program = (jit(begin), jit(functools.partial(advance, count=1)), jit(finish))
+    else:
+      program = jit(run)
+    self._compiled[cache_key] = program
+    return program
 
 
-def _progress_hook(tick, post_step):
-  """A post_step that reports each finished step to the host (the value dependency orders it after the step)."""
-  def hook(x, i):
-    jax.debug.callback(tick, x[0, 0, 0, 0])
-    return x if post_step is None else post_step(x, i)
-  return hook
+def _run_with_progress(program, args, start_step: int, steps: int):
+  """Runs `_program(..., stepwise=True)` a step at a time under a progress bar; returns the images.
+
+  Step i + 1 is queued before the bar waits for step i, so the device never waits on the host.
+  """
+  from tqdm import tqdm
+
+  begin, advance, finish = program
+  params, cond, uncond, noise, rng, init_pixels, mask, scale, rescale = args
+  state, init_latents = begin(params, noise, init_pixels)
+  with tqdm(total=steps - start_step, desc="sampling", unit="step") as bar:
+    previous = None
+    for i in range(start_step, steps):
+      state = advance(params, state, np.int32(i), cond, uncond, noise, rng, init_latents, mask, scale, rescale)
+      if previous is not None:
+        previous.block_until_ready()
+        bar.update(1)
+      previous = state[0]
+    previous.block_until_ready()
+    bar.update(1)
+  return finish(params, state, init_latents, mask)
 
 
 @functools.lru_cache(maxsize=None)

@@ -170,3 +170,25 @@ def test_over_long_prompt_is_truncated_with_a_warning(sd_dir):
   with pytest.warns(UserWarning, match="Truncated 1 text"):
     context = pipe.encode_prompt([long_prompt])
   assert context.shape == (1, 77, 32)
+
+
+@pytest.mark.parametrize("kwargs", [dict(sampler="dpmpp_2m", guidance_rescale=0.7),
+                                    dict(sampler="euler_a", image="init", strength=0.5),
+                                    dict(sampler="ddim", image="init", mask="left")])
+def test_progress_bar_steps_give_the_same_images(sd_dir, kwargs, capsys):
+  """progress=True runs one jitted step at a time (no host callback); the images are the same."""
+  import diffusion_jax as dj
+  pipe = dj.Pipeline.from_pretrained(sd_dir)
+  kwargs = dict(kwargs)  # the parameter's dict is shared by both model directories
+  if kwargs.get("image") == "init":
+    kwargs["image"] = (np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)
+  if kwargs.get("mask") == "left":
+    kwargs["mask"] = (np.arange(16) < 8).astype(np.float32)[None, :].repeat(16, 0)
+  common = dict(num_inference_steps=4, num_images=2, seed=3, output_type="np", **kwargs)
+  whole = pipe(["a cat", "a dog"], **common)
+  capsys.readouterr()
+  stepped = pipe(["a cat", "a dog"], progress=True, **common)
+  np.testing.assert_allclose(stepped, whole, atol=2e-5)
+  steps = 2 if "strength" in kwargs else 4  # img2img at strength 0.5 runs the last half
+  err = capsys.readouterr().err
+  assert "sampling: 100%" in err and f"{steps}/{steps}" in err, err[-500:]

@@ -280,3 +280,39 @@ def test_plan_is_a_pytree_that_jit_accepts():
   closed = jax.jit(lambda z: samplers.sample("dpmpp_2m", jax_model, z, plan))(NOISE)
   traced = jax.jit(lambda z, p: samplers.sample("dpmpp_2m", jax_model, z, p))(NOISE, plan)
   np.testing.assert_allclose(np.asarray(traced), np.asarray(closed), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name, start_step, inpaint", [("dpmpp_2m", 0, False), ("euler_a", 2, False),
+                                                       ("heun", 0, True), ("ddpm", 3, True)])
+def test_one_step_at_a_time_gives_the_same_samples(name, start_step, inpaint):
+  """initial_state + run_steps one step per call (traced step index) = sample's single scan."""
+  n = 6
+  plan = samplers.make_plan(name, SchedulerConfig(), n)
+  x0 = np.asarray(NOISE) * 0.3 + 0.1
+  mask = (np.arange(SHAPE[2]) < 2).astype(np.float32).reshape(1, 1, -1, 1)
+  post_step = samplers.inpaint_post_step(plan, x0, NOISE, mask) if inpaint else None
+  init = None if inpaint else x0
+  whole = jax.jit(lambda z: samplers.sample(name, jax_model, z, plan, KEY, start_step=start_step,
+                                            init_latents=init, post_step=post_step))(NOISE)
+  one_step = jax.jit(lambda state, i: samplers.run_steps(name, jax_model, state, plan, KEY, first=i, count=1,
+                                                         post_step=post_step))
+  state = samplers.initial_state(name, NOISE, plan, start_step=start_step, init_latents=init)
+  for i in range(start_step, n):
+    state = one_step(state, np.int32(i))
+  assert_close(np.asarray(state[0]), np.asarray(whole), rtol=1e-5)
+  # A static first step and count: the last steps on their own, from the state before them.
+  state = samplers.initial_state(name, NOISE, plan, start_step=start_step, init_latents=init)
+  state = samplers.run_steps(name, jax_model, state, plan, KEY, first=start_step, count=2, post_step=post_step)
+  state = samplers.run_steps(name, jax_model, state, plan, KEY, first=start_step + 2, post_step=post_step)
+  assert_close(np.asarray(state[0]), np.asarray(whole), rtol=1e-5)
+
+
+def test_run_steps_errors():
+  plan = samplers.make_plan("ddim", SchedulerConfig(), 4)
+  state = samplers.initial_state("ddim", NOISE, plan)
+  with pytest.raises(ValueError, match="do not fit the plan's 4 steps"):
+    samplers.run_steps("ddim", jax_model, state, plan, first=3, count=2)
+  with pytest.raises(ValueError, match="count is needed"):
+    jax.jit(lambda i: samplers.run_steps("ddim", jax_model, state, plan, first=i))(np.int32(0))
+  with pytest.raises(ValueError, match="start_step must be in"):
+    samplers.initial_state("ddim", NOISE, plan, start_step=5)

@@ -325,6 +325,64 @@ def is_stochastic(plan: SamplerPlan) -> bool:
 # The loop.
 
 
+def initial_state(name: str, noise, plan: SamplerPlan, *, start_step: int = 0, init_latents=None):
+  """The loop state `(x, memory)` before step `start_step` (see `sample` for the arguments)."""
+  if name != plan.name:
+    raise ValueError(f"sampler {name!r} does not match the plan's {plan.name!r}")
+  if not 0 <= start_step <= plan.num_steps:
+    raise ValueError(f"start_step must be in [0, {plan.num_steps}], got {start_step}")
+  noise = jnp.asarray(noise, jnp.float32)
+  if init_latents is None:
+    x = noise * plan.init_noise_sigma
+  else:
+    x = noise_to_step(jnp.asarray(init_latents, jnp.float32), noise, plan, start_step)
+  return x, _initial_memory(name, x)
+
+
+def run_steps(name: str, model_fn: ModelFn, state, plan: SamplerPlan, key=None, *, first=0,
+              count: int | None = None, post_step: Callable | None = None):
+  """Runs steps `first` .. `first + count - 1` on the loop state from `initial_state`; returns the new state.
+
+  `first` may be traced (an int32 scalar: one compiled program then serves every step); `count` is
+  static, by default every step from `first` on. The final latents are `state[0]` after the last step.
+  """
+  if name != plan.name:
+    raise ValueError(f"sampler {name!r} does not match the plan's {plan.name!r}")
+  n = plan.num_steps
+  static_first = isinstance(first, (int, np.integer))
+  if count is None:
+    if not static_first:
+      raise ValueError("count is needed when first is traced")
+    count = n - int(first)
+  if count < 0 or count > n or (static_first and not 0 <= first <= n - count):
+    raise ValueError(f"steps {first}..{first} + {count} do not fit the plan's {n} steps")
+  if key is None:
+    if is_stochastic(plan):
+      raise ValueError(f"sampler {name!r} draws noise: pass a PRNG key")
+    key = jax.random.key(0)
+
+  steps = Step(np.arange(n, dtype=np.int32), plan.timesteps, plan.alpha, plan.sigma, plan.alpha_next,
+               plan.sigma_next, plan.timesteps_next)
+  if static_first:
+    steps = jax.tree.map(lambda a: jnp.asarray(a)[first:first + count], steps)
+  else:  # [count] slices at a traced offset
+    steps = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(jnp.asarray(a), first, count), steps)
+  step_fn = STEP_FNS[name]
+
+  def denoise(x_t, t, alpha, sigma):
+    return _denoise(model_fn, plan, x_t, t, alpha, sigma)
+
+  def body(carry, s):
+    x, memory = carry
+    x, memory = step_fn(denoise, x, memory, s, jax.random.fold_in(key, s.index), plan)
+    if post_step is not None:
+      x = post_step(x, s.index)
+    return (x, memory), None
+
+  state, _ = jax.lax.scan(body, state, steps)
+  return state
+
+
 def sample(name: str, model_fn: ModelFn, noise, plan: SamplerPlan, key=None, *, start_step: int = 0,
            init_latents=None, post_step: Callable | None = None):
   """Runs the sampler and returns the final latents (x0) [B, h, w, C] float32; jit-able.
@@ -343,37 +401,8 @@ def sample(name: str, model_fn: ModelFn, noise, plan: SamplerPlan, key=None, *, 
       of `start_step` (diffusers' img2img `add_noise`), else from `noise * plan.init_noise_sigma`.
     post_step: optional `(x, step_index) -> x` applied after every step to the loop state (see
       `inpaint_post_step` and `noise_to_step`).
+
+  The same loop in pieces: `initial_state`, then `run_steps` (all at once or a few steps at a time).
   """
-  if name != plan.name:
-    raise ValueError(f"sampler {name!r} does not match the plan's {plan.name!r}")
-  n = plan.num_steps
-  if not 0 <= start_step <= n:
-    raise ValueError(f"start_step must be in [0, {n}], got {start_step}")
-  if key is None:
-    if is_stochastic(plan):
-      raise ValueError(f"sampler {name!r} draws noise: pass a PRNG key")
-    key = jax.random.key(0)
-
-  noise = jnp.asarray(noise, jnp.float32)
-  if init_latents is None:
-    x = noise * plan.init_noise_sigma
-  else:
-    x = noise_to_step(jnp.asarray(init_latents, jnp.float32), noise, plan, start_step)
-
-  steps = Step(jnp.arange(n, dtype=jnp.int32), plan.timesteps, plan.alpha, plan.sigma, plan.alpha_next,
-               plan.sigma_next, plan.timesteps_next)
-  steps = jax.tree.map(lambda a: jnp.asarray(a)[start_step:], steps)
-  step_fn = STEP_FNS[name]
-
-  def denoise(x_t, t, alpha, sigma):
-    return _denoise(model_fn, plan, x_t, t, alpha, sigma)
-
-  def body(carry, s):
-    x, memory = carry
-    x, memory = step_fn(denoise, x, memory, s, jax.random.fold_in(key, s.index), plan)
-    if post_step is not None:
-      x = post_step(x, s.index)
-    return (x, memory), None
-
-  (x, _), _ = jax.lax.scan(body, (x, _initial_memory(name, x)), steps)
-  return x
+  state = initial_state(name, noise, plan, start_step=start_step, init_latents=init_latents)
+  return run_steps(name, model_fn, state, plan, key, first=start_step, post_step=post_step)[0]
