@@ -41,7 +41,8 @@ def parse_args(argv=None):
   p.add_argument("--allow-pickle", action="store_true",
                  help="allow loading .bin/.ckpt pickle weights (runs code from the file: trusted files only)")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/diffusion_jax/xla"),
-                 help="persistent compilation cache, so a second run of the same shape skips compiling")
+                 help="compilation caches (XLA's, and the compiled generation programs in programs/), so a "
+                      "second run of the same shape skips tracing and compiling ('' disables them)")
   return p.parse_args(argv)
 
 
@@ -87,9 +88,10 @@ def main(argv=None):
     fail(f"model path {args.model!r} not found (train one with `python train.py`, or pass --model DIR)")
 
   import jax
-  jax.config.update("jax_compilation_cache_dir", args.cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  if args.cache_dir:
+    jax.config.update("jax_compilation_cache_dir", args.cache_dir)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   import jax.numpy as jnp
   import numpy as np
   from PIL import Image, PngImagePlugin
@@ -105,6 +107,8 @@ def main(argv=None):
     pipe = dj.Pipeline.from_pretrained(args.model, dtype=jnp.dtype(dtype), allow_pickle=args.allow_pickle)
   except (OSError, ValueError, RuntimeError) as e:
     fail(str(e))
+  if args.cache_dir:
+    pipe.program_cache_dir = os.path.join(args.cache_dir, "programs")
   kwargs = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, sampler=args.sampler,
                 num_images=args.n, height=height, width=width, guidance_rescale=args.guidance_rescale)
   if args.init_image:

@@ -3,12 +3,14 @@
   python benchmarks/sample.py                                  # the default config's shapes model, then SD 1.5 sizes
   python benchmarks/sample.py --settings default --run runs/default --out benchmarks/results/sample.json
 
-For each setting, two processes run one after the other on a fresh persistent compilation cache
-(jax_compilation_cache_dir): the first compiles everything (cold cache), the second finds the
-compiled programs in the cache. Each process reports
+For each setting, two processes run one after the other on fresh caches, as sample.py sets them up:
+XLA's persistent compilation cache (jax_compilation_cache_dir) and the pipeline's compiled programs
+(`Pipeline.program_cache_dir`, its programs/ subdirectory). The first process compiles everything
+(cold caches), the second finds the compiled programs there. Each process reports
 
   - compile_s: tracing + lowering + XLA compilation (or, within it, cache retrieval) of every program,
-    from jax.monitoring events, and first_call_s: the first generation, compilation included;
+    plus storing and loading the pipeline's compiled programs, from jax.monitoring events, and
+    first_call_s: the first generation, compilation included;
   - total_ms: median of the whole generations after the first (text encoding, 20 guided steps,
     VAE decode, host transfer; `--repeats` generations in all);
   - unet_ms: the same number of bare, jitted UNet calls at the same (doubled, guided) batch: 20 calls
@@ -38,7 +40,9 @@ PROMPT = "a large red circle on the left"
 # backend_compile_duration wraps the persistent-cache lookup, so cache_retrieval_time_sec (reported on its
 # own) is a part of it, not an addition.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
-                  "/jax/core/compile/backend_compile_duration")
+                  "/jax/core/compile/backend_compile_duration",
+                  # storing and loading the pipeline's compiled programs (diffusion_jax.program_cache)
+                  "/diffusion_jax/program_cache/save_sec", "/diffusion_jax/program_cache/load_sec")
 REPORTED_EVENTS = COMPILE_EVENTS + ("/jax/compilation_cache/cache_retrieval_time_sec",)
 
 
@@ -114,7 +118,8 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   import jax.numpy as jnp
   import numpy as np
 
-  from diffusion_jax import xla_options
+  from diffusion_jax import program_cache, xla_options
+  assert {program_cache.SAVE_EVENT, program_cache.LOAD_EVENT} <= set(COMPILE_EVENTS)
 
   jax.config.update("jax_compilation_cache_dir", cache_dir)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
@@ -126,6 +131,7 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
       durations[event] = durations.get(event, 0.0) + duration
 
   pipe, source = default_pipeline(run_dir) if setting == "default" else sd15_pipeline()
+  pipe.program_cache_dir = os.path.join(cache_dir, "programs")  # as sample.py sets it
   jax.monitoring.register_event_duration_secs_listener(listener)
   prompts = [PROMPT] * num_images
 

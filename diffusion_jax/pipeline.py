@@ -16,6 +16,7 @@ from diffusion_jax import parallel, xla_options
 from diffusion_jax.convert import diffusers as dconv
 from diffusion_jax.diffusion import guidance, samplers
 from diffusion_jax.diffusion.schedules import SchedulerConfig
+from diffusion_jax.program_cache import ProgramCache
 from diffusion_jax.tokenizer import CLIPTokenizer
 
 
@@ -67,6 +68,9 @@ class Pipeline:
   params: dict
   scheduler: SchedulerConfig
   configs: dict = dataclasses.field(default_factory=dict)
+  # Where compiled generation programs are kept between processes (`program_cache.ProgramCache`): a new
+  # process then skips tracing and compiling them. None: compiled in each process.
+  program_cache_dir: str | None = None
 
   def __post_init__(self):
     self._compiled: dict = {}
@@ -256,7 +260,8 @@ class Pipeline:
     would compile the whole loop again.
     """
     use_rescale = use_cfg and rescale_on
-    cache_key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask, stepwise)
+    cache_key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask, stepwise,
+                 self.program_cache_dir)
     if cache_key in self._compiled:
       return self._compiled[cache_key]
     scaling = self.configs["vae"].scaling_factor
@@ -268,7 +273,7 @@ class Pipeline:
         init_latents = mean * scaling
       state = samplers.initial_state(sampler, noise, plan, start_step=start_step,
                                      init_latents=None if has_mask else init_latents)
-      return state, init_latents
+      return _batch_sharded(state), init_latents
 
     def advance(params, state, first, cond, uncond, noise, rng, init_latents, mask, scale, rescale, *, count):
       def net_fn(x, t, context):  # [B, h, w, C], [B], [B, L, D] -> model output
@@ -277,8 +282,11 @@ class Pipeline:
       model_fn = guidance.guided_model_fn(net_fn, cond, uncond, scale if use_cfg else 1.0,
                                           rescale if use_rescale else 0.0)
       post_step = samplers.inpaint_post_step(plan, init_latents, noise, mask) if has_mask else None
-      return samplers.run_steps(sampler, model_fn, state, plan, rng, first=first, count=count,
-                                post_step=post_step)
+      state = samplers.run_steps(sampler, model_fn, state, plan, rng, first=first, count=count,
+                                 post_step=post_step)
+      # Pinned to the input's layout (XLA would otherwise choose the output's sharding): a step's output
+      # is the next step's input, so one compiled step serves them all.
+      return _batch_sharded(state)
 
     def finish(params, state, init_latents, mask):
       latents = state[0]
@@ -293,13 +301,19 @@ class Pipeline:
                       count=steps - start_step)
       return finish(params, state, init_latents, mask)
 
-    def jit(fn, **kw):
-      return jax.jit(fn, compiler_options=xla_options.compiler_options(), **kw)
+    def jit(fn, piece: str):
+      options = xla_options.compiler_options()
+      jitted = jax.jit(fn, compiler_options=options)
+      if self.program_cache_dir is None:
+        return jitted
+      # Everything the traced program depends on besides the package's source and the arguments.
+      description = ("Pipeline", piece, cache_key[:-1], options, self.unet, self.vae, self.scheduler, plan)
+      return ProgramCache(self.program_cache_dir).wrap(jitted, description)
 
     if stepwise:
-      program = (jit(begin), jit(functools.partial(advance, count=1)), jit(finish))
+      program = (jit(begin, "begin"), jit(functools.partial(advance, count=1), "advance"), jit(finish, "finish"))
     else:
-      program = jit(run)
+      program = jit(run, "run")
     self._compiled[cache_key] = program
     return program
 
@@ -335,6 +349,13 @@ def _mesh_of(devices: tuple) -> Mesh:
 def _mesh() -> Mesh:
   """Every device on the data axis: generation is data parallel."""
   return _mesh_of(tuple(jax.devices()))
+
+
+def _batch_sharded(tree):
+  """Constrains arrays with a batch axis to be split along it over the devices, scalars to be replicated."""
+  mesh = _mesh()
+  return jax.tree.map(
+      lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data") if x.ndim else P())), tree)
 
 
 def _shard_batch(args, n: int):

@@ -15,12 +15,17 @@ def sd_dir(tmp_path_factory):
 
 
 SHARD_SCRIPT = r"""
-import sys, numpy as np, diffusion_jax as dj, jax
+import os, sys, numpy as np, diffusion_jax as dj, jax
 pipe = dj.Pipeline.from_pretrained(sys.argv[1])
-images = pipe(["a red cat", "a blue dog", "a green circle"], num_images=3, num_inference_steps=4,
-              sampler=sys.argv[3], seed=7, output_type="np")
+kwargs = dict(num_images=3, num_inference_steps=4, sampler=sys.argv[3], seed=7, output_type="np")
+images = pipe(["a red cat", "a blue dog", "a green circle"], **kwargs)
 np.save(sys.argv[2], images)
-print(len(jax.devices()))
+# A step at a time (progress bar), with compiled programs kept on disk: the step's output keeps its
+# input's sharding, so one compiled step serves every step (begin, advance, finish: 3 programs).
+pipe.program_cache_dir = sys.argv[4]
+stepped = pipe(["a red cat", "a blue dog", "a green circle"], progress=True, **kwargs)
+np.testing.assert_allclose(stepped, images, atol=2e-5)
+print(len(os.listdir(sys.argv[4])), len(jax.devices()))
 """
 
 
@@ -29,10 +34,10 @@ def test_eight_devices_give_the_images_of_one(sd_dir, tmp_path):
   for count in (1, 8):
     env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={count}", JAX_PLATFORMS="cpu")
     out = tmp_path / f"{count}.npy"
-    res = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, sd_dir, str(out), "euler_a"], env=env,
-                         capture_output=True, text=True, timeout=600)
+    res = subprocess.run([sys.executable, "-c", SHARD_SCRIPT, sd_dir, str(out), "euler_a",
+                          str(tmp_path / f"programs{count}")], env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert res.stdout.strip().splitlines()[-1] == str(count)
+    assert res.stdout.strip().splitlines()[-1] == f"3 {count}"
     outs.append(np.load(out))
   assert outs[0].shape == (9, 16, 16, 3)  # 9 images: padded to 16 over 8 devices, then cut back
   # The same noise reaches every image; only float rounding differs between the batch layouts.

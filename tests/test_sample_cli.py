@@ -42,6 +42,8 @@ def test_writes_pngs_with_parameters_and_fills_the_compilation_cache(sd_dir, tmp
   # process does not compile the loop again.
   cached = os.listdir(cache)
   assert any(name.startswith("jit_advance-") for name in cached), cached
+  programs = sorted(os.listdir(cache / "programs"))  # begin, one step, finish
+  assert len(programs) == 3, programs
 
   # The same command again gives the same pixels.
   again = run_sample("--prompts-file", str(prompts), "--model", sd_dir, "--steps", "3", "--n", "2",
@@ -49,6 +51,8 @@ def test_writes_pngs_with_parameters_and_fills_the_compilation_cache(sd_dir, tmp
   assert again.returncode == 0, again.stderr[-3000:]
   for a, b in zip(paths, again.stdout.split()):
     np.testing.assert_array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+  # The second process found its programs under the same keys: it stored none.
+  assert sorted(os.listdir(cache / "programs")) == programs
 
 
 @pytest.mark.parametrize("args, message", [
