@@ -205,19 +205,28 @@ class ProgramCache:
     jax.monitoring.record_event_duration_secs(SAVE_EVENT, time.perf_counter() - start)
 
 
+def _call_key(args) -> tuple:
+  """What a compiled program checks about its arguments, as a cheap hashable (~0.5 ms for 450 leaves,
+  against ~6 ms for `signature`): looked up on every call."""
+  leaves, tree = jax.tree.flatten(args)
+  return tree, tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "weak_type", None),
+                      x.sharding if isinstance(x, jax.Array) else None) for x in leaves)
+
+
 class _CachedProgram:
   def __init__(self, cache: ProgramCache, jitted: Callable, description: str):
     self._cache, self._jitted, self._description = cache, jitted, description
-    self._executables: dict[str, Any] = {}
+    self._by_call_key: dict[tuple, Any] = {}
+    self._by_path: dict[str, Any] = {}  # equivalent shardings written differently share an executable
 
   def __call__(self, *args):
-    key = signature(args)
-    compiled = self._executables.get(key)
+    call_key = _call_key(args)
+    compiled = self._by_call_key.get(call_key)
     if compiled is None:
       path = self._cache.path(self._description, args)
-      compiled = self._cache.load(path)
+      compiled = self._by_path.get(path) or self._cache.load(path)
       if compiled is None:
         compiled = self._jitted.lower(*args).compile()
         self._cache.save(path, compiled)
-      self._executables[key] = compiled
+      self._by_path[path] = self._by_call_key[call_key] = compiled
     return compiled(*args)
