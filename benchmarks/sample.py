@@ -187,7 +187,7 @@ def main():
   parser.add_argument("--run", default=os.path.join(common.REPO, "runs", "default"),
                       help="training run for the default setting (random weights if missing)")
   parser.add_argument("--num-images", default="default:8,sd15:1", help="images per generation, per setting")
-  parser.add_argument("--repeats", default="default:4,sd15:2",
+  parser.add_argument("--repeats", default="default:12,sd15:2",
                       help="generations in the first process, per setting (the first one compiles)")
   parser.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temp dir)")
   parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results", "sample.json"))
