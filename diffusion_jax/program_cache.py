@@ -162,8 +162,10 @@ class ProgramCache:
     """`jitted` (a `jax.jit` function) as a callable that loads or compiles-and-stores its executables.
 
     `description` names the program: its static settings and the modules it runs (see `describe`).
-    Without one that can be described, `jitted` comes back unchanged.
+    Without one that can be described, or in a multi-host run, `jitted` comes back unchanged.
     """
+    if jax.process_count() > 1:  # each host would load its part of a multi-host executable: not supported
+      return jitted
     try:
       described = describe(description)
     except NotDescribable:

@@ -172,3 +172,9 @@ def test_a_pipeline_with_a_module_from_elsewhere_is_not_cached(sd_dir, tmp_path)
   pipe.program_cache_dir = str(tmp_path)
   out = pipe("a cat", num_inference_steps=2, output_type="np")
   assert out.shape == (1, 16, 16, 3) and entries(tmp_path) == []
+
+
+def test_multi_host_runs_compile_as_usual(tmp_path, monkeypatch):
+  jitted = jax.jit(lambda x: x + 1)
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  assert ProgramCache(tmp_path).wrap(jitted, "p") is jitted
