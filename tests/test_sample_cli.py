@@ -76,3 +76,14 @@ def test_bad_input_is_one_clear_line(sd_dir, tmp_path, args, message):
   last = res.stderr.strip().splitlines()[-1]
   assert last.startswith("sample.py: error:") and message in last, res.stderr[-2000:]
   assert "Traceback" not in res.stderr
+
+
+def test_an_empty_cache_dir_turns_the_caches_off(sd_dir, tmp_path):
+  home, cwd = tmp_path / "home", tmp_path / "cwd"
+  cwd.mkdir()
+  res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), "a cat", "--model", sd_dir, "--steps", "2",
+                        "--out", str(tmp_path / "out"), "--cache-dir", ""], capture_output=True, text=True,
+                       timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu", HOME=str(home)), cwd=cwd)
+  assert res.returncode == 0, res.stderr[-3000:]
+  assert len(res.stdout.split()) == 1
+  assert not os.path.exists(home / ".cache") and os.listdir(cwd) == []  # no cache written anywhere
