@@ -310,7 +310,7 @@ def test_one_step_at_a_time_gives_the_same_samples(name, start_step, inpaint):
 def test_run_steps_errors():
   plan = samplers.make_plan("ddim", SchedulerConfig(), 4)
   state = samplers.initial_state("ddim", NOISE, plan)
-  with pytest.raises(ValueError, match="do not fit the plan's 4 steps"):
+  with pytest.raises(ValueError, match="2 steps from step 3 do not fit the plan.s 4 steps"):
     samplers.run_steps("ddim", jax_model, state, plan, first=3, count=2)
   with pytest.raises(ValueError, match="count is needed"):
     jax.jit(lambda i: samplers.run_steps("ddim", jax_model, state, plan, first=i))(np.int32(0))

@@ -355,7 +355,8 @@ def run_steps(name: str, model_fn: ModelFn, state, plan: SamplerPlan, key=None, 
       raise ValueError("count is needed when first is traced")
     count = n - int(first)
   if count < 0 or count > n or (static_first and not 0 <= first <= n - count):
-    raise ValueError(f"steps {first}..{first} + {count} do not fit the plan's {n} steps")
+    where = f"{count} steps from step {first}" if static_first else f"{count} steps"
+    raise ValueError(f"{where} do not fit the plan's {n} steps")
   if key is None:
     if is_stochastic(plan):
       raise ValueError(f"sampler {name!r} draws noise: pass a PRNG key")
