@@ -105,3 +105,56 @@ def test_fused_attention_is_asked_for_16_bit_unmasked_attention_on_a_gpu(monkeyp
   monkeypatch.setattr(attention, "GPU_IMPLEMENTATION", None)
   attention.multi_head_attention(*half, heads=2)
   assert calls == [(jnp.bfloat16, 8, "cudnn")]
+
+
+def _block_and_inputs(rows_per_sample=64, batch=4, channels=32):
+  from flax.linen import meta
+  block = attention.TransformerBlock(heads=4, dim_head=channels // 4)
+  x = jax.random.normal(jax.random.key(0), (batch, rows_per_sample, channels))
+  context = jax.random.normal(jax.random.key(1), (batch, 7, 16))
+  params = meta.unbox(block.init(jax.random.key(2), x, context)["params"])
+  return block, params, x, context
+
+
+def test_feed_forward_in_chunks_is_the_same_layer(monkeypatch):
+  """The CPU's chunked feed-forward: same parameters, same outputs and gradients as in one piece."""
+  block, params, x, context = _block_and_inputs()
+  rows, inner = x.shape[0] * x.shape[1], x.shape[2] * 4
+  assert attention._ff_chunk_rows(rows, inner) == rows  # small enough to run in one piece
+  abstract = lambda: jax.eval_shape(lambda: block.init(jax.random.key(2), x, context)["params"])
+  whole_abstract = abstract()
+  f = lambda p, x: block.apply({"params": p}, x, context)
+  whole, whole_vjp = jax.vjp(f, params, x)
+  dy = jax.random.normal(jax.random.key(3), whole.shape)
+  whole_grads = whole_vjp(dy)
+
+  monkeypatch.setattr(attention, "CPU_FF_CHUNK_ELEMENTS", 64 * 2 * inner)  # 64 rows a chunk: 4 chunks
+  monkeypatch.setattr(attention, "_MIN_FF_CHUNK_ROWS", 16)
+  assert attention._ff_chunk_rows(rows, inner) == 64
+  # The same parameters, shapes and logical axis names (sharding rules): checkpoints fit both.
+  assert abstract() == whole_abstract
+  chunked, chunked_vjp = jax.vjp(f, params, x)
+  np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(chunked_vjp(dy)), jax.tree.leaves(whole_grads)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
+
+
+def test_feed_forward_chunks_divide_the_rows_and_stay_on_the_cpu(monkeypatch):
+  assert attention._ff_chunk_rows(8192, 512) == 512  # the small UNet at 32x32: 2 MiB of activations a chunk
+  assert attention._ff_chunk_rows(2048, 1024) == 256
+  assert attention._ff_chunk_rows(8191, 512) == 8191  # a prime: chunks of one row would be slower
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert attention._ff_chunk_rows(8192, 512) == 8192
+
+
+def test_feed_forward_chunks_take_their_own_dropout_masks(monkeypatch):
+  from flax.linen import meta
+  monkeypatch.setattr(attention, "CPU_FF_CHUNK_ELEMENTS", 64 * 2 * 128)
+  monkeypatch.setattr(attention, "_MIN_FF_CHUNK_ROWS", 16)
+  block = attention.TransformerBlock(heads=4, dim_head=8, dropout=0.5)
+  x = jnp.ones((2, 64, 32))  # every row alike: only dropout tells the chunks' outputs apart
+  context = jnp.ones((2, 7, 16))
+  params = meta.unbox(block.init(jax.random.key(2), x, context)["params"])
+  y = block.apply({"params": params}, x, context, deterministic=False, rngs={"dropout": jax.random.key(4)})
+  chunks = np.asarray(y).reshape(2, 64, 32)  # 2 chunks of 64 rows
+  assert np.isfinite(chunks).all() and not np.allclose(chunks[0], chunks[1])
