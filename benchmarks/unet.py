@@ -75,24 +75,30 @@ def worker_ceiling(repeats: int) -> dict:
 
 
 def reference_flops(fn, *args) -> float | None:
-  """XLA's FLOP count of `fn` with attention as one softmax over [B, N, T, S] (jax.nn.dot_product_attention).
+  """XLA's FLOP count of `fn` with attention as one softmax over [B, N, T, S] (jax.nn.dot_product_attention)
+  and the feed-forward in one piece.
 
-  XLA's cost analysis counts a loop body once, so the tiled attention (a loop over tiles) would be
-  under-counted; the count is taken on the lowered (unoptimised) program, which needs no compilation.
+  XLA's cost analysis counts a loop body once, so the tiled attention and the chunked feed-forward
+  (loops over tiles and chunks) would be under-counted; the count is taken on the lowered (unoptimised) program, which needs no compilation.
   """
   import jax
 
   from diffusion_jax.nn import attention
   tiled = getattr(attention, "tiled_attention", None)  # absent in revisions before the tiled attention
   fused = getattr(attention, "GPU_IMPLEMENTATION", None)  # a cuDNN call has no FLOP count either
+  ff_chunk = getattr(attention, "CPU_FF_CHUNK_ELEMENTS", None)  # the chunked feed-forward is a loop too
   if tiled is not None:
     attention.tiled_attention = lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v)
+  if ff_chunk is not None:
+    attention.CPU_FF_CHUNK_ELEMENTS = 1 << 62
   attention.GPU_IMPLEMENTATION = None
   try:
     return common.flops_of(jax.jit(fn).lower(*args))
   finally:
     if tiled is not None:
       attention.tiled_attention = tiled
+    if ff_chunk is not None:
+      attention.CPU_FF_CHUNK_ELEMENTS = ff_chunk
     attention.GPU_IMPLEMENTATION = fused
 
 
