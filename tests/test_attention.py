@@ -143,6 +143,8 @@ def test_feed_forward_chunks_divide_the_rows_and_stay_on_the_cpu(monkeypatch):
   assert attention._ff_chunk_rows(8192, 512) == 512  # the small UNet at 32x32: 2 MiB of activations a chunk
   assert attention._ff_chunk_rows(2048, 1024) == 256
   assert attention._ff_chunk_rows(8191, 512) == 8191  # a prime: chunks of one row would be slower
+  assert attention._ff_chunk_rows(4096, 1280) == 4096  # SD 1.5 at 64x64: 128-row chunks were slower
+  assert attention._ff_chunk_rows(1024, 2560) == 1024
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   assert attention._ff_chunk_rows(8192, 512) == 8192
 

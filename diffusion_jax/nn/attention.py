@@ -18,10 +18,12 @@ CPU_TILE_ELEMENTS = 1 << 20
 
 # On the CPU, the feed-forward runs over chunks of rows whose [rows, 2 x inner] GEGLU activations (this
 # many float32 elements, 2 MiB) stay in the caches instead of going out to memory, and its backward pass
-# recomputes them chunk by chunk: the small UNet's feed-forward, forward and backward, at [8192, 128]
-# 62 -> 53 ms and at [2048, 256] 56 -> 51 ms (benchmarks/RESULTS.md).
+# recomputes them chunk by chunk: the small UNet's train step 0.85-0.88 of its time in one piece, its
+# forward 1.02-1.04 (benchmarks/RESULTS.md).
 CPU_FF_CHUNK_ELEMENTS = 1 << 19
-_MIN_FF_CHUNK_ROWS = 64  # fewer rows per chunk than this: the loop costs more than the caches save
+# Fewer rows per chunk than this and the loop costs more than the caches save: SD 1.5's forward ran
+# 1.07x slower in 128-row chunks, so its sizes run in one piece.
+_MIN_FF_CHUNK_ROWS = 256
 
 # On NVIDIA GPUs, the UNet's 16-bit attention (no mask, not causal) runs as cuDNN's fused (flash)
 # attention, which never holds the [B, N, T, S] scores in memory; set to None to use XLA's own attention
