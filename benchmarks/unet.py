@@ -93,7 +93,8 @@ def reference_flops(fn, *args) -> float | None:
     attention.CPU_FF_CHUNK_ELEMENTS = 1 << 62
   attention.GPU_IMPLEMENTATION = None
   try:
-    return common.flops_of(jax.jit(fn).lower(*args))
+    # A new function each time: jit would reuse a trace of `fn` made before the patches above.
+    return common.flops_of(jax.jit(lambda *a: fn(*a)).lower(*args))
   finally:
     if tiled is not None:
       attention.tiled_attention = tiled
