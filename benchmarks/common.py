@@ -27,6 +27,32 @@ def median_ms(fn, repeats: int = 5, warmup: bool = True) -> float:
   return times[len(times) // 2] * 1e3
 
 
+def alternate(programs: dict, args: tuple, repeats: int) -> dict:
+  """Median ms of each compiled program, calls alternating between them after one warm-up each."""
+  import jax
+  import numpy as np
+  times = {name: [] for name in programs}
+  for program in programs.values():
+    jax.block_until_ready(program(*args))
+  for _ in range(repeats):
+    for name, program in programs.items():
+      start = time.perf_counter()
+      jax.block_until_ready(program(*args))
+      times[name].append((time.perf_counter() - start) * 1e3)
+  return {name: float(np.median(t)) for name, t in times.items()}
+
+
+def start_on_cpu(parser, what: str):
+  """Re-executes with huge pages as train.py and sample.py do, then stops with `parser`'s usage unless JAX
+  runs on the CPU (`what` the benchmark compares there). Returns the jax module."""
+  from diffusion_jax import host_memory
+  host_memory.reexec_with_huge_pages()
+  import jax
+  if jax.default_backend() != "cpu":
+    parser.error(f"this benchmark compares {what}; run it with JAX on the CPU")
+  return jax
+
+
 def _proc_gb(path: str, field: str, missing: float) -> float:
   """A "<field>: <n> kB" line of a /proc file, in GB (1e9 bytes); `missing` when it is absent."""
   with open(path) as f:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -24,28 +23,13 @@ SHAPES = [(8, 32, 128), (8, 16, 256), (8, 8, 256), (2, 64, 320), (2, 32, 640), (
           (1, 64, 320), (1, 32, 640), (1, 16, 1280), (1, 128, 256), (1, 256, 128)]
 
 
-def alternate(programs: dict, args: tuple, repeats: int) -> dict:
-  """Median ms of each compiled program, calls alternating between them after one warm-up each."""
-  import jax
-  import numpy as np
-  times = {name: [] for name in programs}
-  for program in programs.values():
-    jax.block_until_ready(program(*args))
-  for _ in range(repeats):
-    for name, program in programs.items():
-      start = time.perf_counter()
-      jax.block_until_ready(program(*args))
-      times[name].append((time.perf_counter() - start) * 1e3)
-  return {name: float(np.median(t)) for name, t in times.items()}
-
-
 def both_ways(fn, args: tuple, options: dict, repeats: int, base: dict | None = None) -> dict:
   """`fn` compiled with `base` options alone ("default") and with `options` on top ("ours"), timed alternately."""
   import jax
   base = base or {}
   programs = {"default": jax.jit(fn, compiler_options=base).lower(*args).compile(),
               "ours": jax.jit(fn, compiler_options={**base, **options}).lower(*args).compile()}
-  ms = alternate(programs, args, repeats)
+  ms = common.alternate(programs, args, repeats)
   return {"default_ms": round(ms["default"], 2), "ours_ms": round(ms["ours"], 2),
           "ours_over_default": round(ms["ours"] / ms["default"], 3)}
 
@@ -117,12 +101,8 @@ def main():
   parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results", "cpu-convolutions.json"))
   args = parser.parse_args()
 
-  from diffusion_jax import host_memory
-  host_memory.reexec_with_huge_pages()  # as train.py and sample.py do
-  import jax
+  jax = common.start_on_cpu(parser, "CPU convolution kernels")
   from diffusion_jax import xla_options
-  if jax.default_backend() != "cpu":
-    parser.error("this benchmark compares CPU convolution kernels; run it with JAX on the CPU")
   options = xla_options.compiler_options()
   if not options:
     parser.error("this jaxlib's XLA does not accept the options in diffusion_jax.xla_options.BASE['cpu']")

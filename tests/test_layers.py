@@ -6,11 +6,15 @@ import flax.linen as nn
 import pytest
 from flax.linen import meta
 
+from diffusion_jax.nn import layers
 from diffusion_jax.nn.layers import Conv, GroupNorm, Upsample, gelu
 
 
+@pytest.mark.parametrize("form", ["convolution", "matmuls"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 1, 1, 3), (3, 4, 4, 8)])
-def test_upsample_equals_nearest_then_conv(shape):
+def test_upsample_equals_nearest_then_conv(shape, form, monkeypatch):
+  # The CPU picks the form by input size; both must give the same layer.
+  monkeypatch.setattr(layers, "CPU_UPSAMPLE_CONV_MIN_SIDE", 1 if form == "convolution" else 1 << 20)
   x = jax.random.normal(jax.random.key(0), shape)
   module = Upsample(5)
   params = meta.unbox(module.init(jax.random.key(1), x))

@@ -252,12 +252,28 @@ class Downsample(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
+# On the CPU, `UpsampleConv` runs as one 2x2 convolution on inputs at least this many pixels high and
+# wide, and as four matmuls on smaller ones. The convolution also computes a one-pixel border of unused
+# outputs (27% more work at 8x8, 13% at 16x16); from 16x16 on, XLA's CPU convolutions win anyway (SD's
+# VAE upsampling at 128x128x512: 1318 -> 747 ms), and at 8x8 with 128 channels or more they lose.
+# Measured with benchmarks/upsample.py (benchmarks/RESULTS.md).
+CPU_UPSAMPLE_CONV_MIN_SIDE = 16
+
+
+def _phase_kernels(kernel):  # [3, 3, C, O] -> [2, 2, C, 4, O]: the 2x2 kernel of each output phase 2a+b
+  def phase_taps(k, axis):  # 3 taps along `axis` -> [phase 0 (reads i-1, i), phase 1 (reads i, i+1)], 2 taps each
+    k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
+    return jnp.stack([k0, k1 + k2], axis=axis), jnp.stack([k0 + k1, k2], axis=axis)
+
+  return jnp.stack([col for row in phase_taps(kernel, 0) for col in phase_taps(row, 1)], axis=3)
+
+
 class UpsampleConv(nn.Module):
   """Nearest-neighbour x2 upsampling, then a 3x3 "same" conv, without building the upsampled tensor.
 
   Output pixel (2i+a, 2j+b) sees only a 2x2 window of the input: the 3x3 kernel taps that land on the
-  same input pixel add up. So the layer is four 2x2 convolutions of the input, one per output phase
-  (a, b): 4/9 of the multiply-adds of the 3x3 conv on the upsampled tensor, with the same parameters
+  same input pixel add up. So the layer is a 2x2 convolution of the input per output phase (a, b):
+  4/9 of the multiply-adds of the 3x3 conv on the upsampled tensor, with the same parameters
   (a [3, 3, in, out] kernel, as `Conv`) and the same result up to float rounding.
   """
   features: int
@@ -269,21 +285,24 @@ class UpsampleConv(nn.Module):
     b, h, w, c = x.shape
     kernel, bias = _kernel_and_bias(self, (3, 3, c, self.features), CONV_AXES)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-
-    def phase_taps(k, axis):  # 3 taps along `axis` -> [phase 0 (reads i-1, i), phase 1 (reads i, i+1)], 2 taps each
-      k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
-      return jnp.stack([k0, k1 + k2], axis=axis), jnp.stack([k0 + k1, k2], axis=axis)
-
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    phases = []
-    for row_phase, row_kernel in enumerate(phase_taps(kernel, 0)):
-      for col_phase, phase_kernel in enumerate(phase_taps(row_kernel, 1)):  # [2, 2, C, out]
-        # The 2x2 conv as one matmul over its four shifted inputs: XLA's CPU convolutions run 2x2
-        # kernels at a third of their 3x3 speed, its matmuls at full speed.
-        taps = [padded[:, row_phase + dy:row_phase + dy + h, col_phase + dx:col_phase + dx + w]
-                for dy in (0, 1) for dx in (0, 1)]
-        patches = jnp.concatenate(taps, axis=-1)  # [B, H, W, 4C]
-        phases.append(jnp.einsum("bhwk,ko->bhwo", patches, phase_kernel.reshape(4 * c, self.features)))
+    kernels = _phase_kernels(kernel)  # [2, 2, C, 4, out]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]
+    if jax.default_backend() == "cpu" and min(h, w) >= CPU_UPSAMPLE_CONV_MIN_SIDE:
+      # All four phases as one 2x2 convolution with 4 * out features; phase (a, b) is its output
+      # shifted by (a, b).
+      every = jax.lax.conv_general_dilated(padded, kernels.reshape(2, 2, c, 4 * self.features), (1, 1), "VALID",
+                                           dimension_numbers=("NHWC", "HWIO", "NHWC"))
+      every = every.reshape(b, h + 1, w + 1, 4, self.features)  # [B, H+1, W+1, phase, out]
+      phases = [every[:, a:a + h, col:col + w, 2 * a + col] for a in (0, 1) for col in (0, 1)]
+    else:
+      # Each phase as one matmul over its four shifted inputs (the form measured on GPUs).
+      phases = []
+      for a in (0, 1):
+        for col in (0, 1):
+          taps = [padded[:, a + dy:a + dy + h, col + dx:col + dx + w] for dy in (0, 1) for dx in (0, 1)]
+          patches = jnp.concatenate(taps, axis=-1)  # [B, H, W, 4C]
+          phase_kernel = kernels[:, :, :, 2 * a + col].reshape(4 * c, self.features)
+          phases.append(jnp.einsum("bhwk,ko->bhwo", patches, phase_kernel))
     y = jnp.stack(phases, axis=3).reshape(b, h, w, 2, 2, self.features)  # [B, H, W, a, b, out]
     return y.transpose(0, 1, 3, 2, 4, 5).reshape(b, 2 * h, 2 * w, self.features) + bias
 
