@@ -18,8 +18,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # [batch, height = width, channels] of the layer's inputs (as many output channels): the default
-# config's UNet (guided batch 16, training batch 32) and VAE (8 images), a UNet at 8x8x128, the small benchmark UNet at batch 8, SD 1.5's
-# UNet at batch 2 (guided sampling) and 1 (training), SD's VAE decoder at 512x512.
+# config's UNet (guided batch 16, training batch 32) and VAE (8 images), a UNet at 8x8x128, the small
+# benchmark UNet at batch 8, SD 1.5's UNet at batch 2 (guided sampling) and 1 (training), SD's VAE
+# decoder at 512x512.
 SHAPES = [(16, 4, 64), (16, 8, 64), (32, 8, 64), (8, 16, 32), (8, 32, 32),
           (8, 8, 128), (8, 8, 256), (8, 16, 256),
           (2, 8, 1280), (2, 16, 1280), (2, 32, 640), (1, 8, 1280), (1, 16, 1280), (1, 32, 640),
@@ -52,12 +53,16 @@ def both_forms(batch: int, size: int, channels: int, repeats: int) -> dict:
   kinds = {"forward": forward}
   if (batch, size, channels) not in FORWARD_ONLY:
     kinds["forward_and_gradients"] = forward_and_gradients
+  setting = layers.CPU_UPSAMPLE_CONV_MIN_SIDE
   for kind, fn in kinds.items():
     programs = {}
     for form, min_side in (("convolution", size), ("matmuls", size + 1)):
       layers.CPU_UPSAMPLE_CONV_MIN_SIDE = min_side  # read when the program is traced
-      programs[form] = jax.jit(lambda p, x, fn=fn: fn(p, x),
-                               compiler_options=xla_options.compiler_options()).lower(params, x).compile()
+      try:
+        programs[form] = jax.jit(lambda p, x, fn=fn: fn(p, x),
+                                 compiler_options=xla_options.compiler_options()).lower(params, x).compile()
+      finally:
+        layers.CPU_UPSAMPLE_CONV_MIN_SIDE = setting
     ms = common.alternate(programs, (params, x), repeats)
     out[kind] = {"convolution_ms": round(ms["convolution"], 2), "matmuls_ms": round(ms["matmuls"], 2),
                  "convolution_over_matmuls": round(ms["convolution"] / ms["matmuls"], 3)}
