@@ -255,7 +255,7 @@ class Downsample(nn.Module):
 # On the CPU, `UpsampleConv` runs as one 2x2 convolution on inputs at least this many pixels high and
 # wide, and as four matmuls on smaller ones. The convolution also computes a one-pixel border of unused
 # outputs (27% more work at 8x8, 13% at 16x16); from 16x16 on, XLA's CPU convolutions win anyway (SD's
-# VAE upsampling at 128x128x512: 1318 -> 747 ms), and at 8x8 with 128 channels or more they lose.
+# VAE upsampling at 128x128x512: 1327 -> 743 ms); at 8x8 they lose the forward pass from 128 channels on.
 # Measured with benchmarks/upsample.py (benchmarks/RESULTS.md).
 CPU_UPSAMPLE_CONV_MIN_SIDE = 16
 
