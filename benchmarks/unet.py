@@ -79,28 +79,16 @@ def reference_flops(fn, *args) -> float | None:
   and the feed-forward in one piece.
 
   XLA's cost analysis counts a loop body once, so the tiled attention and the chunked feed-forward
-  (loops over tiles and chunks) would be under-counted; the count is taken on the lowered (unoptimised) program, which needs no compilation.
+  (loops over tiles and chunks) would be under-counted; the count is taken on the lowered
+  (unoptimised) program, which needs no compilation. A cuDNN attention call has no FLOP count either.
   """
   import jax
 
   from diffusion_jax.nn import attention
-  tiled = getattr(attention, "tiled_attention", None)  # absent in revisions before the tiled attention
-  fused = getattr(attention, "GPU_IMPLEMENTATION", None)  # a cuDNN call has no FLOP count either
-  ff_chunk = getattr(attention, "CPU_FF_CHUNK_ELEMENTS", None)  # the chunked feed-forward is a loop too
-  if tiled is not None:
-    attention.tiled_attention = lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v)
-  if ff_chunk is not None:
-    attention.CPU_FF_CHUNK_ELEMENTS = 1 << 62
-  attention.GPU_IMPLEMENTATION = None
-  try:
-    # A new function each time: jit would reuse a trace of `fn` made before the patches above.
+  with common.patched(attention, tiled_attention=lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v),
+                      CPU_FF_CHUNK_ELEMENTS=1 << 62, GPU_IMPLEMENTATION=None):
+    # A new function each time: jit would reuse a trace of `fn` made before the patches.
     return common.flops_of(jax.jit(lambda *a: fn(*a)).lower(*args))
-  finally:
-    if tiled is not None:
-      attention.tiled_attention = tiled
-    if ff_chunk is not None:
-      attention.CPU_FF_CHUNK_ELEMENTS = ff_chunk
-    attention.GPU_IMPLEMENTATION = fused
 
 
 def normal_params(abstract):

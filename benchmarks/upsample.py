@@ -53,16 +53,12 @@ def both_forms(batch: int, size: int, channels: int, repeats: int) -> dict:
   kinds = {"forward": forward}
   if (batch, size, channels) not in FORWARD_ONLY:
     kinds["forward_and_gradients"] = forward_and_gradients
-  setting = layers.CPU_UPSAMPLE_CONV_MIN_SIDE
   for kind, fn in kinds.items():
     programs = {}
     for form, min_side in (("convolution", size), ("matmuls", size + 1)):
-      layers.CPU_UPSAMPLE_CONV_MIN_SIDE = min_side  # read when the program is traced
-      try:
+      with common.patched(layers, CPU_UPSAMPLE_CONV_MIN_SIDE=min_side):
         programs[form] = jax.jit(lambda p, x, fn=fn: fn(p, x),
                                  compiler_options=xla_options.compiler_options()).lower(params, x).compile()
-      finally:
-        layers.CPU_UPSAMPLE_CONV_MIN_SIDE = setting
     ms = common.alternate(programs, (params, x), repeats)
     out[kind] = {"convolution_ms": round(ms["convolution"], 2), "matmuls_ms": round(ms["matmuls"], 2),
                  "convolution_over_matmuls": round(ms["convolution"] / ms["matmuls"], 3)}
