@@ -12,6 +12,12 @@ def rel_l2(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
+@pytest.fixture
+def cpu_paths(monkeypatch):
+  """The CPU's code paths (attention tiles, feed-forward chunks), whichever backend runs the test."""
+  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+
+
 def qkv(b, t, s, n, d, seed=0):
   ks = jax.random.split(jax.random.key(seed), 4)
   q = 2 * jax.random.normal(ks[0], (b, t, n, d))
@@ -61,7 +67,7 @@ def test_tiling_keeps_tiles_within_budget_and_divides_evenly():
     assert group == 1 or chunk == tq  # pairs are only grouped when a tile holds all their queries
 
 
-def test_multi_head_attention_on_cpu_uses_tiles_and_agrees():
+def test_multi_head_attention_on_cpu_uses_tiles_and_agrees(cpu_paths):
   q, k, v, _ = qkv(2, 16, 7, 4, 8)
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]  # [B, T, N*Dh]
   got = attention.multi_head_attention(*flat, heads=4)
@@ -72,16 +78,30 @@ def test_multi_head_attention_on_cpu_uses_tiles_and_agrees():
 
 
 def test_fused_attention_falls_back_where_the_kernel_is_missing(monkeypatch):
-  # On this CPU there is no cuDNN: the fused call says so and multi_head_attention uses XLA's, so the
-  # GPU path's fallback is exercised here by pretending to be a GPU.
   q, k, v, _ = qkv(2, 16, 7, 4, 8)
   q, k, v = (x.astype(jnp.bfloat16) for x in (q, k, v))
-  with pytest.warns(UserWarning, match="fused attention"):
-    assert attention.fused_attention(q, k, v) is None
+  want = jax.nn.dot_product_attention(q, k, v)
+  if jax.default_backend() == "cpu":  # no cuDNN: the fused call says so
+    with pytest.warns(UserWarning, match="fused attention"):
+      assert attention.fused_attention(q, k, v) is None
+  else:  # on a GPU with cuDNN, the fused kernel agrees with XLA's attention
+    fused = attention.fused_attention(q, k, v)
+    assert fused is not None and fused.dtype == jnp.bfloat16
+    assert rel_l2(fused.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2
+
+  # A GPU or head size the kernel lacks, on any machine: multi_head_attention must use XLA's attention.
+  xla_attention = jax.nn.dot_product_attention
+
+  def without_kernel(*args, implementation=None, **kwargs):
+    if implementation is not None:
+      raise NotImplementedError(f"no {implementation} kernel for these shapes")
+    return xla_attention(*args, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", without_kernel)
   monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]
   got = attention.multi_head_attention(*flat, heads=4)
-  want = jax.nn.dot_product_attention(q, k, v).reshape(2, 16, 32)
+  want = want.reshape(2, 16, 32)
   assert got.dtype == jnp.bfloat16
   assert rel_l2(got.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2
   jaxpr = str(jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat))
@@ -116,7 +136,7 @@ def _block_and_inputs(rows_per_sample=64, batch=4, channels=32):
   return block, params, x, context
 
 
-def test_feed_forward_in_chunks_is_the_same_layer(monkeypatch):
+def test_feed_forward_in_chunks_is_the_same_layer(monkeypatch, cpu_paths):
   """The CPU's chunked feed-forward: same parameters, same outputs and gradients as in one piece."""
   block, params, x, context = _block_and_inputs()
   rows, inner = x.shape[0] * x.shape[1], x.shape[2] * 4
@@ -139,7 +159,7 @@ def test_feed_forward_in_chunks_is_the_same_layer(monkeypatch):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-def test_feed_forward_chunks_divide_the_rows_and_stay_on_the_cpu(monkeypatch):
+def test_feed_forward_chunks_divide_the_rows_and_stay_on_the_cpu(monkeypatch, cpu_paths):
   assert attention._ff_chunk_rows(8192, 512) == 512  # the small UNet at 32x32: 2 MiB of activations a chunk
   assert attention._ff_chunk_rows(2048, 1024) == 256
   assert attention._ff_chunk_rows(8191, 512) == 8191  # a prime: chunks of one row would be slower
@@ -149,7 +169,7 @@ def test_feed_forward_chunks_divide_the_rows_and_stay_on_the_cpu(monkeypatch):
   assert attention._ff_chunk_rows(8192, 512) == 8192
 
 
-def test_feed_forward_chunks_take_their_own_dropout_masks(monkeypatch):
+def test_feed_forward_chunks_take_their_own_dropout_masks(monkeypatch, cpu_paths):
   from flax.linen import meta
   monkeypatch.setattr(attention, "CPU_FF_CHUNK_ELEMENTS", 64 * 2 * 128)
   monkeypatch.setattr(attention, "_MIN_FF_CHUNK_ROWS", 16)
