@@ -15,7 +15,8 @@ XLA's persistent compilation cache (jax_compilation_cache_dir) and the pipeline'
     VAE decode, host transfer; `--repeats` generations in all);
   - unet_ms: the same number of bare, jitted UNet calls at the same (doubled, guided) batch: 20 calls
     on 2N latents, i.e. the 40 UNet evaluations of a guided 20-step run, alternating with the
-    generations; overhead = total / unet - 1.
+    generations; overhead = total / unet - 1, and overhead_paired = the median over the pairs of
+    (generation / the bare loop run right after it) - 1, the steadier of the two on a busy machine.
 
 Settings: `default` loads a training run (`--run`) if present, else random weights with the sizes of
 configs/default.py (64x64 images, 16x16x4 latents); `sd15` uses random weights with Stable Diffusion
@@ -176,6 +177,10 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   out["unet_calls"] = f"{STEPS} x batch {2 * num_images}"
   out["unet_ms"] = float(np.median(bares))
   out["overhead"] = round(out["total_ms"] / out["unet_ms"] - 1, 4)
+  # Each generation against the bare loop that ran right after it: a change in the machine's load
+  # between pairs cancels out, where a burst that lands on some generations moves the medians apart.
+  out["overhead_paired"] = round(float(np.median(np.divide(totals, bares))) - 1, 4)
+  out["total_ms_each"], out["unet_ms_each"] = [round(t, 2) for t in totals], [round(t, 2) for t in bares]
   out["peak_rss_gb"] = common.peak_rss_gb()
   return out
 
@@ -187,7 +192,7 @@ def main():
   parser.add_argument("--run", default=os.path.join(common.REPO, "runs", "default"),
                       help="training run for the default setting (random weights if missing)")
   parser.add_argument("--num-images", default="default:8,sd15:1", help="images per generation, per setting")
-  parser.add_argument("--repeats", default="default:12,sd15:2",
+  parser.add_argument("--repeats", default="default:22,sd15:2",
                       help="generations in the first process, per setting (the first one compiles)")
   parser.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temp dir)")
   parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results", "sample.json"))
