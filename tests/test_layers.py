@@ -1,4 +1,5 @@
-"""Shared layers: the fused nearest-upsample + conv equals upsampling then a 3x3 conv; GroupNorm and GELU against torch."""
+"""Shared layers: Dense equals nn.Dense; the fused nearest-upsample + conv equals upsampling then a 3x3 conv;
+GroupNorm and GELU against torch."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -7,7 +8,30 @@ import pytest
 from flax.linen import meta
 
 from diffusion_jax.nn import layers
-from diffusion_jax.nn.layers import Conv, GroupNorm, Upsample, gelu
+from diffusion_jax.nn.layers import Conv, Dense, GroupNorm, Upsample, gelu
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+@pytest.mark.parametrize("shape", [(6, 5), (2, 7, 5), (2, 3, 4, 5)])
+def test_dense_equals_flax_dense(shape, use_bias):
+  # Dense merges the leading axes into one matmul; parameters, outputs and gradients must be nn.Dense's.
+  x = jax.random.normal(jax.random.key(0), shape)
+  params = meta.unbox(Dense(3, use_bias=use_bias).init(jax.random.key(1), x))
+  expected = {"kernel": (5, 3), "bias": (3,)} if use_bias else {"kernel": (5, 3)}
+  assert jax.tree.map(jnp.shape, params) == {"params": expected}
+  boxed = Dense(3, use_bias=use_bias).init(jax.random.key(1), x)["params"]["kernel"]
+  assert boxed.names == layers.DENSE_AXES  # the sharding rules find the kernel's logical axes
+  params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)
+  reference = nn.Dense(3, use_bias=use_bias)
+
+  def grads(module):
+    return jax.grad(lambda p, x: jnp.sum(jnp.sin(module.apply(p, x))), argnums=(0, 1))(params, x)
+
+  ours = Dense(3, use_bias=use_bias).apply(params, x)
+  assert ours.shape == shape[:-1] + (3,)
+  np.testing.assert_allclose(ours, reference.apply(params, x), rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(grads(Dense(3, use_bias=use_bias))), jax.tree.leaves(grads(reference))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("form", ["convolution", "matmuls"])

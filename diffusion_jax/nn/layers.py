@@ -35,17 +35,38 @@ def torch_default_init(key, shape, dtype=jnp.float32):
   return jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
-def Dense(features: int, *, use_bias: bool = True, dtype: Dtype = jnp.float32,
-          param_dtype: Dtype = jnp.float32, name: str | None = None) -> nn.Dense:
-  """`nn.Dense` whose kernel/bias carry logical axis names."""
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
-                  kernel_init=_partitioned(torch_default_init, DENSE_AXES),
-                  bias_init=_partitioned(nn.initializers.zeros_init(), BIAS_AXES), name=name)
+def matmul_rows(x, kernel):  # [..., C] x [C, O] -> [..., O]
+  """x @ kernel over the last axis, as one 2D matmul over the rows of x.
+
+  With the leading axes merged, autodiff writes the kernel's gradient as a dot of two [rows, C] operands,
+  which XLA's CPU matmul takes as they are. Over [B, T, C] operands XLA first transposes the output
+  gradient, fused with (and recomputing) the elementwise work that produced it, in strided order: a
+  layer's forward and backward ran 1.5-1.9x slower at the UNet's sizes, the small UNet's train step
+  about 5% slower (benchmarks/RESULTS.md).
+  """
+  return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
 
 
-def _kernel_and_bias(module: nn.Module, shape: tuple[int, ...], axes: tuple[str, ...]):
-  """A kernel of `shape` initialised as torch does and a zero bias over its last axis, both axis-named."""
+class Dense(nn.Module):
+  """A linear layer over the last axis with `nn.Dense`'s parameters (kernel [in, out], bias [out]), axis-named."""
+  features: int
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):  # [..., C] -> [..., features]
+    kernel, bias = _kernel_and_bias(self, (x.shape[-1], self.features), DENSE_AXES, self.use_bias)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    y = matmul_rows(x, kernel)
+    return y if bias is None else y + bias
+
+
+def _kernel_and_bias(module: nn.Module, shape: tuple[int, ...], axes: tuple[str, ...], use_bias: bool = True):
+  """A kernel of `shape` initialised as torch does and a zero bias over its last axis (or None), both axis-named."""
   kernel = module.param("kernel", _partitioned(torch_default_init, axes), shape, module.param_dtype)
+  if not use_bias:
+    return kernel, None
   bias = module.param("bias", _partitioned(nn.initializers.zeros_init(), BIAS_AXES), (shape[-1],),
                       module.param_dtype)
   return kernel, bias
@@ -66,7 +87,7 @@ class SplitDense(nn.Module):
   def __call__(self, x):  # [..., C] -> parts x [..., features]
     kernel, bias = _kernel_and_bias(self, (x.shape[-1], self.parts * self.features), DENSE_AXES)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
-    return tuple(jnp.dot(x, kernel[:, i * self.features:(i + 1) * self.features])
+    return tuple(matmul_rows(x, kernel[:, i * self.features:(i + 1) * self.features])
                  + bias[i * self.features:(i + 1) * self.features] for i in range(self.parts))
 
 
