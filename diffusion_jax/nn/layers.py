@@ -40,9 +40,9 @@ def matmul_rows(x, kernel):  # [..., C] x [C, O] -> [..., O]
 
   With the leading axes merged, autodiff writes the kernel's gradient as a dot of two [rows, C] operands,
   which XLA's CPU matmul takes as they are. Over [B, T, C] operands XLA first transposes the output
-  gradient, fused with (and recomputing) the elementwise work that produced it, in strided order: a
-  layer's forward and backward ran 1.5-1.9x slower at the UNet's sizes, the small UNet's train step
-  about 5% slower (benchmarks/RESULTS.md).
+  gradient, fused with (and recomputing) the elementwise work that produced it, in strided order: the
+  GEGLU projection's forward and backward ran 1.6x slower that way, the default config's UNet train
+  step 1.11x (benchmarks/dense.py, benchmarks/RESULTS.md).
   """
   return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
 
