@@ -9,7 +9,7 @@ everything the program depends on:
 - the source of this package and the versions of Python, JAX, jaxlib, Flax and NumPy;
 - JAX's configuration, XLA's and libtpu's environment variables, and this package's module-level
   settings (such as `attention.GPU_IMPLEMENTATION`);
-- the devices and the process count;
+- the devices and the process count, and whether the CPU attention kernel built;
 - the caller's description of the program: its static settings and the modules it runs, which must
   be this package's (`describe` returns None for anything else, and such programs are not cached);
 - the arguments' tree structure, shapes, dtypes and shardings.
@@ -40,6 +40,8 @@ import jax
 import jaxlib
 import numpy as np
 from jax.experimental import serialize_executable
+
+from diffusion_jax.nn import cpu_attention
 
 LOAD_EVENT = "/diffusion_jax/program_cache/load_sec"  # jax.monitoring durations, for benchmarks
 SAVE_EVENT = "/diffusion_jax/program_cache/save_sec"
@@ -82,13 +84,13 @@ def describe(value: Any) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _source_digest() -> str:
-  """sha256 of every Python file of this package (paths and contents)."""
+  """sha256 of every Python and C++ file of this package (paths and contents)."""
   root = os.path.dirname(os.path.abspath(__file__))
   digest = hashlib.sha256()
   for directory, subdirectories, files in os.walk(root):
     subdirectories.sort()
     for name in sorted(files):
-      if name.endswith(".py"):
+      if name.endswith((".py", ".cc")):
         path = os.path.join(directory, name)
         digest.update(os.path.relpath(path, root).encode())
         with open(path, "rb") as f:
@@ -120,7 +122,9 @@ def _environment() -> str:
   devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
   env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
   versions = (sys.version_info[:2], jax.__version__, jaxlib.__version__, flax.__version__, np.__version__)
-  return describe((versions, _source_digest(), _settings(), config, env, repr(devices), jax.process_count()))
+  # Whether the CPU attention kernel built; checking also registers it, as a loaded program calls it.
+  kernels = jax.default_backend() == "cpu" and cpu_attention.available()
+  return describe((versions, _source_digest(), _settings(), config, env, repr(devices), jax.process_count(), kernels))
 
 
 def _sharding_text(sharding) -> str:

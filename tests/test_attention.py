@@ -67,7 +67,8 @@ def test_tiling_keeps_tiles_within_budget_and_divides_evenly():
     assert group == 1 or chunk == tq  # pairs are only grouped when a tile holds all their queries
 
 
-def test_multi_head_attention_on_cpu_uses_tiles_and_agrees(cpu_paths):
+def test_multi_head_attention_on_cpu_uses_tiles_and_agrees(cpu_paths, monkeypatch):
+  monkeypatch.setattr(attention, "CPU_IMPLEMENTATION", "tiles")
   q, k, v, _ = qkv(2, 16, 7, 4, 8)
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]  # [B, T, N*Dh]
   got = attention.multi_head_attention(*flat, heads=4)

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusion_jax.nn import cpu_attention
 from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, SplitDense, gelu
 
 
@@ -25,6 +26,10 @@ CPU_FF_CHUNK_ELEMENTS = 1 << 19
 # 1.07x slower in 128-row chunks, so its sizes run in one piece.
 _MIN_FF_CHUNK_ROWS = 256
 
+# On the CPU, float32 attention with no mask runs through the fused kernel of `cpu_attention` ("kernel")
+# where it builds, else as XLA tiles ("tiles", `tiled_attention`).
+CPU_IMPLEMENTATION = "kernel"
+
 # On NVIDIA GPUs, the UNet's 16-bit attention (no mask, not causal) runs as cuDNN's fused (flash)
 # attention, which never holds the [B, N, T, S] scores in memory; set to None to use XLA's own attention
 # there instead. Measured on an H100 (benchmarks/RESULTS.md); the text encoder's short causal attention
@@ -37,7 +42,8 @@ _FUSED_MAX_HEAD_DIM = 256  # cuDNN's limit on Hopper (128 before); the VAE's sin
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False):
   """Scaled dot-product attention on [B, T, heads*Dh] projections.
 
-  On the CPU, unmasked attention runs tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked
+  On the CPU, unmasked attention runs through the fused kernel of `cpu_attention` (float32, one device)
+  or tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked
   non-causal attention through cuDNN's fused kernel (`fused_attention`) where this JAX, GPU and head
   size have it; otherwise, and with a mask, through XLA's `jax.nn.dot_product_attention`.
   """
@@ -51,13 +57,19 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
   backend = jax.default_backend()
   out = None
   if mask is None and backend == "cpu" and not is_causal:
-    out = tiled_attention(q, k, v)
+    out = cpu_attention.attention(q, k, v) if _use_cpu_kernel(q, k, v) else tiled_attention(q, k, v)
   elif (mask is None and backend == "gpu" and not is_causal and GPU_IMPLEMENTATION and q.dtype in _FUSED_DTYPES
         and dh <= _FUSED_MAX_HEAD_DIM and dh % 8 == 0):
     out = fused_attention(q, k, v, GPU_IMPLEMENTATION)
   if out is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return out.reshape(b, tq, inner)  # [B, T, C]
+
+
+def _use_cpu_kernel(q, k, v) -> bool:
+  # The kernel's custom call has no sharding rule: with several devices, XLA would gather its operands.
+  return (CPU_IMPLEMENTATION == "kernel" and all(x.dtype == jnp.float32 for x in (q, k, v))
+          and jax.local_device_count() == 1 and cpu_attention.available())
 
 
 def fused_attention(q, k, v, implementation: str = "cudnn"):

@@ -1,0 +1,143 @@
+"""A fused float32 attention kernel for the CPU, built on first use and called through XLA's FFI.
+
+XLA's CPU backend has no fused attention: `attention.tiled_attention` runs each step of a score tile
+as its own library call or loop, with the tile going out to memory between them. The kernel in
+`kernels/attention_cpu.cc` keeps one block of 32 queries against all keys in the L2 cache from the
+q k^T product to the output (and, backward, to dq, dk and dv), as torch's CPU flash attention does.
+
+It is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`) against
+jaxlib's FFI headers, and kept under `$DIFFUSION_JAX_CACHE` (default `~/.cache/diffusion_jax`)
+/kernels. Where it cannot be built (no compiler, another jaxlib), `available()` says why once and
+attention runs as XLA tiles instead; set `ENABLED = False` (or DIFFUSION_JAX_CPU_KERNEL=0) to choose
+the tiles.
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+
+import jax
+import jax.numpy as jnp
+import jaxlib
+
+ENABLED = os.environ.get("DIFFUSION_JAX_CPU_KERNEL", "1") != "0"
+_SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "attention_cpu.cc")
+_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
+_TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
+_LANES = 16  # the kernel's head size must be a multiple of this; others are padded with zeros
+
+
+def cache_dir() -> str:
+  root = os.environ.get("DIFFUSION_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
+  return os.path.join(root, "kernels")
+
+
+def _cpu_signature() -> str:
+  """What -march=native depends on: the CPU's model and features."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      return "".join(line for line in f if line.startswith(("model name", "flags", "Features")))[:4096]
+  except OSError:
+    return platform.processor()
+
+
+def _build(compiler: str) -> str:
+  """Compiles the kernel (once per source, compiler, jaxlib and CPU) and returns the library's path."""
+  with open(_SOURCE, "rb") as f:
+    source = f.read()
+  version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+  key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
+      source, version, " ".join(_FLAGS), jaxlib.__version__, platform.machine(), _cpu_signature()))).hexdigest()[:16]
+  path = os.path.join(cache_dir(), f"attention_cpu-{key}.so")
+  if os.path.exists(path):
+    return path
+  os.makedirs(cache_dir(), exist_ok=True)
+  # Built under a temporary name and renamed: processes building at once never load a partial file.
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+  os.close(fd)
+  try:
+    subprocess.run([compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp],
+                   capture_output=True, text=True, check=True)
+    os.replace(tmp, path)
+  except subprocess.CalledProcessError as error:
+    raise RuntimeError(f"{compiler} failed: {error.stderr[-2000:]}") from error
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+  return path
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> str | None:
+  """Builds, loads and registers the kernel once per process; None if that worked, else the reason."""
+  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if compiler is None:
+    return "no C++ compiler ($CXX or c++) found"
+  try:
+    library = ctypes.cdll.LoadLibrary(_build(compiler))
+    for name in _TARGETS.values():
+      jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
+  except Exception as error:  # a compiler, jaxlib or platform the kernel does not build with
+    return f"{type(error).__name__}: {error}"
+  _LIBRARIES.append(library)  # kept loaded for the process's lifetime
+  return None
+
+
+_LIBRARIES: list = []
+
+
+def available() -> bool:
+  """Whether the kernel is enabled and built (warns once with the reason where it cannot be)."""
+  if not ENABLED:
+    return False
+  reason = _load()
+  if reason is not None:
+    _warn_once(f"the CPU attention kernel is not available ({reason}); attention runs as XLA tiles")
+  return reason is None
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+  warnings.warn(message, stacklevel=3)
+
+
+def attention(q, k, v):
+  """softmax(q k^T / sqrt(Dh)) v for float32 [B, T, N, Dh] / [B, S, N, Dh] through the kernel."""
+  b, t, n, dh = q.shape
+  q = q * jnp.asarray(dh ** -0.5, q.dtype)
+  pad = -dh % _LANES  # zero columns change no score, and their outputs are dropped
+  # [B, T, N, Dh] -> [B, N, T, Dh + pad]
+  qp, kp, vp = (jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0),) * 3 + ((0, pad),)) for x in (q, k, v))
+  out = _attention(qp, kp, vp)
+  return jnp.swapaxes(out[..., :dh], 1, 2)  # [B, T, N, Dh]
+
+
+def _forward_call(q, k, v):
+  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], q.dtype))
+  return jax.ffi.ffi_call(_TARGETS["forward"], out_types, vmap_method="broadcast_all")(q, k, v)
+
+
+@jax.custom_vjp
+def _attention(q, k, v):  # [..., T, D], [..., S, D], [..., S, D] -> [..., T, D]
+  return _forward_call(q, k, v)[0]
+
+
+def _attention_fwd(q, k, v):
+  out, lse = _forward_call(q, k, v)
+  return out, (q, k, v, out, lse)
+
+
+def _attention_bwd(residuals, d_out):
+  q, k, v, out, lse = residuals
+  out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
+  return jax.ffi.ffi_call(_TARGETS["backward"], out_types, vmap_method="broadcast_all")(q, k, v, out, lse, d_out)
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
