@@ -35,7 +35,8 @@ typedef float UVec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4
 constexpr int kVecsPerBlock = 2;                  // a block of queries: 2 vectors of lanes
 constexpr int kBlock = kLanes * kVecsPerBlock;    // 32 queries
 
-inline Vec Splat(float x) { return Vec{} + x; }
+// A broadcast (`Vec{} + x` would compute 0.0 + x first, an add on the multiply ports).
+inline Vec Splat(float x) { return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
 inline Vec LoadU(const float* p) { return *reinterpret_cast<const UVec*>(p); }
 inline void StoreU(float* p, Vec x) { *reinterpret_cast<UVec*>(p) = x; }
 
