@@ -24,14 +24,13 @@ import tempfile
 import warnings
 
 import jax
-import jax.numpy as jnp
 import jaxlib
+import numpy as np
 
 ENABLED = os.environ.get("DIFFUSION_JAX_CPU_KERNEL", "1") != "0"
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "attention_cpu.cc")
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
-_LANES = 16  # the kernel's head size must be a multiple of this; others are padded with zeros
 
 
 def cache_dir() -> str:
@@ -110,34 +109,31 @@ def _warn_once(message: str) -> None:
 
 def attention(q, k, v):
   """softmax(q k^T / sqrt(Dh)) v for float32 [B, T, N, Dh] / [B, S, N, Dh] through the kernel."""
-  b, t, n, dh = q.shape
-  q = q * jnp.asarray(dh ** -0.5, q.dtype)
-  pad = -dh % _LANES  # zero columns change no score, and their outputs are dropped
-  # [B, T, N, Dh] -> [B, N, T, Dh + pad]
-  qp, kp, vp = (jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0),) * 3 + ((0, pad),)) for x in (q, k, v))
-  out = _attention(qp, kp, vp)
-  return jnp.swapaxes(out[..., :dh], 1, 2)  # [B, T, N, Dh]
+  return _attention(q, k, v, q.shape[-1] ** -0.5)
 
 
-def _forward_call(q, k, v):
-  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct(q.shape[:-1], q.dtype))
-  return jax.ffi.ffi_call(_TARGETS["forward"], out_types, vmap_method="broadcast_all")(q, k, v)
+def _forward_call(q, k, v, scale):
+  *batch, t, n, _ = q.shape
+  out_types = (jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((*batch, n, t), q.dtype))
+  return jax.ffi.ffi_call(_TARGETS["forward"], out_types, vmap_method="broadcast_all")(
+      q, k, v, scale=np.float32(scale))
 
 
-@jax.custom_vjp
-def _attention(q, k, v):  # [..., T, D], [..., S, D], [..., S, D] -> [..., T, D]
-  return _forward_call(q, k, v)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _attention(q, k, v, scale):  # [..., T, N, D], [..., S, N, D], [..., S, N, D] -> [..., T, N, D]
+  return _forward_call(q, k, v, scale)[0]
 
 
-def _attention_fwd(q, k, v):
-  out, lse = _forward_call(q, k, v)
+def _attention_fwd(q, k, v, scale):
+  out, lse = _forward_call(q, k, v, scale)  # lse [..., N, T]
   return out, (q, k, v, out, lse)
 
 
-def _attention_bwd(residuals, d_out):
+def _attention_bwd(scale, residuals, d_out):
   q, k, v, out, lse = residuals
   out_types = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in (q, k, v))
-  return jax.ffi.ffi_call(_TARGETS["backward"], out_types, vmap_method="broadcast_all")(q, k, v, out, lse, d_out)
+  return jax.ffi.ffi_call(_TARGETS["backward"], out_types, vmap_method="broadcast_all")(
+      q, k, v, out, lse, d_out, scale=np.float32(scale))
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
