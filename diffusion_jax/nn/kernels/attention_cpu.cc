@@ -21,9 +21,10 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <utility>
 
 #if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
+#include <immintrin.h>
 #endif
 
 #include "xla/ffi/api/ffi.h"
@@ -32,16 +33,42 @@ namespace ffi = xla::ffi;
 
 namespace {
 
-constexpr int kLanes = 16;  // floats per vector (one AVX-512 register; two AVX2 or four NEON ones)
+// Floats per vector and vector registers, for the instruction set this is compiled for (-march=native).
+#if defined(__AVX512F__)
+constexpr int kLanes = 16, kRegisters = 32;
+#elif defined(__AVX__)
+constexpr int kLanes = 8, kRegisters = 16;
+#else  // SSE, NEON
+constexpr int kLanes = 4, kRegisters = 16;
+#endif
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 
 constexpr int kVecsPerBlock = 2;                  // a block of queries: 2 vectors of lanes
-constexpr int kBlock = kLanes * kVecsPerBlock;    // 32 queries
+constexpr int kBlock = kLanes * kVecsPerBlock;    // 32 queries with AVX-512
+constexpr int kAccumulators = kRegisters / 2;     // vectors summed in registers at once (the rest: operands)
 
-// A broadcast (`Vec{} + x` would compute 0.0 + x first, an add on the multiply ports).
-inline Vec Splat(float x) { return Vec{x, x, x, x, x, x, x, x, x, x, x, x, x, x, x, x}; }
+// A broadcast, as one instruction (`Vec{} + x` would compute 0.0 + x first, an add on the multiply ports).
+template <size_t... I>
+inline Vec SplatOf(float x, std::index_sequence<I...>) { return Vec{((void)I, x)...}; }
+inline Vec Splat(float x) { return SplatOf(x, std::make_index_sequence<kLanes>()); }
 
+#if defined(__AVX512F__)
+// exp(x) = 2^n 2^f with n = round(x log2 e), |f| <= 1/2: a degree-5 polynomial for 2^f (relative error
+// 2e-7, fitted for this range) and one scalef for the 2^n (0 for n below the float range).
+inline Vec Exp(Vec x) {
+  const __m512 t = _mm512_mul_ps((__m512)x, _mm512_set1_ps(1.44269504088896341f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(1.3282304862514138e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675589390099049e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550695210695267e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022118747234344e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931470036506653e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return (Vec)_mm512_scalef_ps(p, n);
+}
+#else
 // exp(x) for a vector, Cephes' single-precision polynomial on x - n ln 2 (relative error ~2e-7).
 // Arguments below -87 give ~1e-38 instead of 0, which the softmax never tells apart.
 inline Vec Exp(Vec x) {
@@ -63,6 +90,7 @@ inline Vec Exp(Vec x) {
   IVec bits = (n + 127) << 23;
   return p * (Vec)bits;
 }
+#endif
 
 // An aligned scratch buffer of floats.
 struct Scratch {
@@ -90,7 +118,7 @@ struct FlushDenormals {
 template <typename Epilogue>
 inline void RowsTimesBlock(const float* rows, int64_t ld, int64_t s, int64_t d, const float* cols_t,
                            Epilogue&& epilogue) {
-  constexpr int kRows = 4;  // independent accumulator chains
+  constexpr int kRows = kAccumulators / kVecsPerBlock;  // independent accumulator chains
   int64_t j = 0;
   for (; j + kRows <= s; j += kRows) {
     Vec acc[kRows][kVecsPerBlock] = {};
@@ -134,7 +162,7 @@ inline void RowsTransposedTimesBlockCols(const float* rows, int64_t ld, int64_t 
 // out_t[e, :] = sum_j rows[j, e] * block[j, :] for e < D: [S, D]^T x [S, kBlock] -> [D, kBlock].
 inline void RowsTransposedTimesBlock(const float* rows, int64_t ld, int64_t s, int64_t d, const float* block,
                                      float* out_t) {
-  constexpr int kCols = 16 / kVecsPerBlock;  // 16 accumulators
+  constexpr int kCols = kAccumulators / kVecsPerBlock;
   int64_t e0 = 0;
   for (; e0 + kCols <= d; e0 += kCols) RowsTransposedTimesBlockCols<kCols>(rows, ld, s, e0, block, out_t);
   switch (d - e0) {
@@ -153,7 +181,7 @@ inline void RowsTransposedTimesBlock(const float* rows, int64_t ld, int64_t s, i
 // 16 * kChunk columns from e0; rows and acc have row stride dp (a multiple of 16).
 template <int kChunk>
 inline void BlockTimesRowsChunk(const float* block, int64_t s, const float* rows, int64_t dp, int64_t e0, float* acc) {
-  constexpr int kRows = kChunk == 1 ? 8 : 4;
+  constexpr int kRows = kAccumulators / kChunk;
   int64_t j = 0;
   for (; j + kRows <= s; j += kRows) {
     Vec sum[kRows][kChunk] = {};
@@ -179,8 +207,9 @@ inline void BlockTimesRowsChunk(const float* block, int64_t s, const float* rows
 }
 
 inline void BlockTimesRows(const float* block, int64_t s, const float* rows, int64_t dp, float* acc) {
-  for (int64_t e0 = 0; e0 < dp; e0 += 4 * kLanes) {
-    switch (std::min<int64_t>(4, (dp - e0) / kLanes)) {
+  constexpr int kMaxChunk = kAccumulators / 4;  // vectors of a row at once, for 4 rows or more
+  for (int64_t e0 = 0; e0 < dp; e0 += kMaxChunk * kLanes) {
+    switch (std::min<int64_t>(kMaxChunk, (dp - e0) / kLanes)) {
       case 1: BlockTimesRowsChunk<1>(block, s, rows, dp, e0, acc); break;
       case 2: BlockTimesRowsChunk<2>(block, s, rows, dp, e0, acc); break;
       case 3: BlockTimesRowsChunk<3>(block, s, rows, dp, e0, acc); break;
