@@ -124,3 +124,34 @@ def test_the_library_is_built_once_and_reused(tmp_path):
   second = _run(code, DIFFUSION_JAX_CACHE=str(tmp_path))
   assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
   assert first.stdout == second.stdout and ".so'" in first.stdout  # one library, found again, not rebuilt
+
+
+def _cpu_flags() -> set:
+  try:
+    with open("/proc/cpuinfo") as f:
+      return set(next((line for line in f if line.startswith("flags")), "").split())
+  except OSError:
+    return set()
+
+
+# The kernel's vector width follows the instruction set it is built for: 8 lanes with AVX2, 4 with SSE
+# (and NEON). This machine's own build is tested above; these build the narrower ones where they run.
+@pytest.mark.parametrize("arch,needs", [("-march=x86-64-v3", {"avx2", "fma"}), ("-march=x86-64", set())])
+def test_narrower_instruction_sets_agree(tmp_path, arch, needs):
+  import platform
+  if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
+    pytest.skip(f"{arch} builds do not run on this CPU")
+  code = """
+    import jax, jax.numpy as jnp, numpy as np
+    from diffusion_jax.nn import cpu_attention
+    assert cpu_attention.available()
+    ks = jax.random.split(jax.random.key(0), 4)
+    q, k, v, w = (jax.random.normal(key, shape) for key, shape in zip(ks, [(2, 37, 3, 24), (2, 19, 3, 24), (2, 19, 3, 24), (2, 37, 3, 24)]))
+    loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)
+    want = [jax.nn.dot_product_attention(q, k, v), *jax.grad(loss(jax.nn.dot_product_attention), (0, 1, 2))(q, k, v)]
+    got = [cpu_attention.attention(q, k, v), *jax.grad(loss(cpu_attention.attention), (0, 1, 2))(q, k, v)]
+    print(max(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(got, want)))
+  """
+  result = _run(code, DIFFUSION_JAX_CACHE=str(tmp_path), DIFFUSION_JAX_CPU_KERNEL_ARCH=arch)
+  assert result.returncode == 0, result.stderr
+  assert float(result.stdout) <= 1e-5

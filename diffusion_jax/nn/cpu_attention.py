@@ -6,8 +6,8 @@ as its own library call or loop, with the tile going out to memory between them.
 q k^T product to the output (and, backward, to dq, dk and dv), as torch's CPU flash attention does.
 
 It is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers, and kept under `$DIFFUSION_JAX_CACHE` (default `~/.cache/diffusion_jax`)
-/kernels. Where it cannot be built (no compiler, another jaxlib), `available()` says why once and
+jaxlib's FFI headers, for this CPU's instruction set (`ARCH`), and kept under `$DIFFUSION_JAX_CACHE`
+(default `~/.cache/diffusion_jax`)/kernels; a build takes about 5 s. Where it cannot be built (no compiler, another jaxlib), `available()` says why once and
 attention runs as XLA tiles instead; set `ENABLED = False` (or DIFFUSION_JAX_CPU_KERNEL=0) to choose
 the tiles.
 """
@@ -18,6 +18,7 @@ import functools
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -29,7 +30,10 @@ import numpy as np
 
 ENABLED = os.environ.get("DIFFUSION_JAX_CPU_KERNEL", "1") != "0"
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "attention_cpu.cc")
-_FLAGS = ("-O3", "-march=native", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
+# The target instruction set: this machine's (AVX-512, AVX2 and SSE or NEON builds each use their own
+# vector width), or e.g. "-march=x86-64-v3" for a library that also runs on older CPUs.
+ARCH = os.environ.get("DIFFUSION_JAX_CPU_KERNEL_ARCH", "-march=native")
+_FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
 
 
@@ -53,7 +57,7 @@ def _build(compiler: str) -> str:
     source = f.read()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
   key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
-      source, version, " ".join(_FLAGS), jaxlib.__version__, platform.machine(), _cpu_signature()))).hexdigest()[:16]
+      source, version, " ".join((ARCH, *_FLAGS)), jaxlib.__version__, platform.machine(), _cpu_signature()))).hexdigest()[:16]
   path = os.path.join(cache_dir(), f"attention_cpu-{key}.so")
   if os.path.exists(path):
     return path
@@ -62,7 +66,7 @@ def _build(compiler: str) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
   os.close(fd)
   try:
-    subprocess.run([compiler, *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp],
+    subprocess.run([compiler, *shlex.split(ARCH), *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp],
                    capture_output=True, text=True, check=True)
     os.replace(tmp, path)
   except subprocess.CalledProcessError as error:
