@@ -1,12 +1,13 @@
-"""Attention forward + backward at the small UNet's shapes: our CPU tiled attention against torch's SDPA.
+"""Attention forward + backward at the UNets' shapes: our CPU attention against torch's SDPA.
 
-  python benchmarks/attention.py --out benchmarks/results/attention-xeon.json
+  python benchmarks/attention.py --out benchmarks/results/attention-kernel-xeon.json
 
-Ours: `diffusion_jax.nn.attention.tiled_attention` (what the UNet runs on the CPU) under `jax.vjp`, one
-compiled program per shape. Torch: `torch.nn.functional.scaled_dot_product_attention` then `backward`,
+Ours, both CPU implementations under `jax.vjp`, compiled in one process with the calls alternating:
+the fused kernel (`diffusion_jax.nn.cpu_attention.attention`, what the UNet runs on the CPU) and the
+XLA tiles (`diffusion_jax.nn.attention.tiled_attention`, the fallback). Torch: `torch.nn.functional.scaled_dot_product_attention` then `backward`,
 run by the peer's python (diffusers' CPU flash attention kernel is what the torch UNet calls). Both
 take [B, T, heads, Dh] queries and [B, S, heads, Dh] keys and values in float32; times are medians of
-`--repeats` calls after one warm-up, each system in its own subprocess, and ratios are ours / torch.
+`--repeats` calls after one warm-up, ours and torch in their own subprocesses, and ratios are ours / torch.
 """
 from __future__ import annotations
 
@@ -18,8 +19,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # (batch, queries, heads, head dim, keys): the small UNet's self- and cross-attention at its 32x32 and
-# 16x16 levels (five layers of each kind there), batch 8, 77 text tokens.
-SHAPES = [(8, 1024, 8, 16, 1024), (8, 1024, 8, 16, 77), (8, 256, 8, 32, 256), (8, 256, 8, 32, 77)]
+# 16x16 levels (five layers of each kind there), batch 8, 77 text tokens; then SD 1.5's self-attention
+# at its 64x64 level (five layers), batch 1.
+SHAPES = [(8, 1024, 8, 16, 1024), (8, 1024, 8, 16, 77), (8, 256, 8, 32, 256), (8, 256, 8, 32, 77),
+          (1, 4096, 8, 40, 4096)]
 
 TORCH_WORKER = r"""
 import json, sys, time, torch
@@ -41,25 +44,30 @@ print("BENCH_RESULT " + json.dumps({"ms": times[len(times) // 2], "threads": tor
 
 
 def worker_ours(shape: str, repeats: int) -> dict:
-  """Median ms of our attention's forward and backward at one shape."""
+  """Median ms of the forward and backward of both our CPU attentions at one shape, calls alternating."""
   import jax
 
   from diffusion_jax import xla_options
-  from diffusion_jax.nn import attention
+  from diffusion_jax.nn import attention, cpu_attention
 
   b, t, n, dh, s = (int(v) for v in shape.split(","))
   keys = jax.random.split(jax.random.key(0), 4)
   q, d_out = (jax.random.normal(key, (b, t, n, dh)) for key in keys[:2])
   k, v = (jax.random.normal(key, (b, s, n, dh)) for key in keys[2:])
+  implementations = {"tiles": attention.tiled_attention}
+  if cpu_attention.available():
+    implementations["kernel"] = cpu_attention.attention
 
-  def forward_and_backward(q, k, v, d_out):
-    _, vjp = jax.vjp(attention.tiled_attention, q, k, v)
-    return vjp(d_out)
+  def compiled(fn):
+    def forward_and_backward(q, k, v, d_out):
+      _, vjp = jax.vjp(fn, q, k, v)
+      return vjp(d_out)
+    return jax.jit(forward_and_backward, compiler_options=xla_options.compiler_options()).lower(
+        q, k, v, d_out).compile()
 
-  program = jax.jit(forward_and_backward, compiler_options=xla_options.compiler_options()).lower(
-      q, k, v, d_out).compile()
-  ms = common.median_ms(lambda: jax.block_until_ready(program(q, k, v, d_out)), repeats)
-  return {"ms": ms, "jax": jax.__version__, "tile_elements": attention.CPU_TILE_ELEMENTS}
+  programs = {name: compiled(fn) for name, fn in implementations.items()}
+  result = {f"{name}_ms": ms for name, ms in common.alternate(programs, (q, k, v, d_out), repeats).items()}
+  return {**result, "jax": jax.__version__, "tile_elements": attention.CPU_TILE_ELEMENTS}
 
 
 def main():
@@ -84,8 +92,9 @@ def main():
     else:
       torch = {"error": f"no peer python at {args.peer_torch_python}"}
     row = {"batch_queries_heads_head_dim_keys": list(shape), "ours": ours, "torch": torch}
-    if "ms" in ours and "ms" in torch:
-      row["ours_over_torch"] = round(ours["ms"] / torch["ms"], 3)
+    for name in ("kernel", "tiles"):
+      if f"{name}_ms" in ours and "ms" in torch:
+        row[f"{name}_over_torch"] = round(ours[f"{name}_ms"] / torch["ms"], 3)
     print(row, flush=True)
     result["shapes"].append(row)
   common.write_json(result, args.out)

@@ -178,3 +178,31 @@ def test_multi_host_runs_compile_as_usual(tmp_path, monkeypatch):
   jitted = jax.jit(lambda x: x + 1)
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   assert ProgramCache(tmp_path).wrap(jitted, "p") is jitted
+
+
+def test_a_program_calling_the_cpu_attention_kernel_loads_in_a_new_process(sd_dir, tmp_path):
+  # The stored executable calls the kernel by name: a new process must register it before running it.
+  import subprocess
+  import sys
+  import textwrap
+  code = textwrap.dedent(f"""
+    import jax, numpy as np
+    import diffusion_jax as dj
+    from diffusion_jax import program_cache
+    from diffusion_jax.nn import cpu_attention
+    loads = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: loads.append(event) if event == program_cache.LOAD_EVENT else None)
+    pipe = dj.Pipeline.from_pretrained({str(sd_dir)!r})
+    pipe.program_cache_dir = {str(tmp_path / "programs")!r}
+    images = pipe(["a cat"], num_inference_steps=2, num_images=1, seed=1, output_type="np")
+    print(cpu_attention.available(), len(loads), float(np.asarray(images, np.float64).sum()))
+  """)
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "DIFFUSION_JAX_CACHE": str(tmp_path / "cache")}
+  runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+          for _ in range(2)]
+  for run in runs:
+    assert run.returncode == 0, run.stderr[-3000:]
+  first, second = (run.stdout.split() for run in runs)
+  assert first[:2] == ["True", "0"] and second[:2] == ["True", "1"]  # compiled and stored, then loaded
+  assert first[2] == second[2]  # the same image
