@@ -42,7 +42,8 @@ def parse_args(argv=None):
                  help="allow loading .bin/.ckpt pickle weights (runs code from the file: trusted files only)")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/diffusion_jax/xla"),
                  help="compilation caches (XLA's, and the compiled generation programs in programs/), so a "
-                      "second run of the same shape skips tracing and compiling ('' disables them)")
+                      "second run of the same shape skips tracing and compiling ('' disables them, and keeps no build "
+                      "of the CPU attention kernel)")
   return p.parse_args(argv)
 
 
@@ -99,6 +100,10 @@ def main(argv=None):
 
   import diffusion_jax as dj
   from diffusion_jax.diffusion import samplers
+  from diffusion_jax.nn import cpu_attention
+
+  if not args.cache_dir:
+    cpu_attention.keep_builds_in(None)  # the CPU attention kernel is built afresh and kept nowhere
 
   if args.sampler not in samplers.SAMPLERS:
     fail(f"unknown sampler {args.sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")

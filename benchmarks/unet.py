@@ -80,13 +80,14 @@ def reference_flops(fn, *args) -> float | None:
 
   XLA's cost analysis counts a loop body once, so the tiled attention and the chunked feed-forward
   (loops over tiles and chunks) would be under-counted; the count is taken on the lowered
-  (unoptimised) program, which needs no compilation. A cuDNN attention call has no FLOP count either.
+  (unoptimised) program, which needs no compilation. The CPU attention kernel's and cuDNN's attention
+  calls have no FLOP count either.
   """
   import jax
 
   from diffusion_jax.nn import attention
   with common.patched(attention, tiled_attention=lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v),
-                      CPU_FF_CHUNK_ELEMENTS=1 << 62, GPU_IMPLEMENTATION=None):
+                      CPU_IMPLEMENTATION="tiles", CPU_FF_CHUNK_ELEMENTS=1 << 62, GPU_IMPLEMENTATION=None):
     # A new function each time: jit would reuse a trace of `fn` made before the patches.
     return common.flops_of(jax.jit(lambda *a: fn(*a)).lower(*args))
 

@@ -7,9 +7,9 @@ q k^T product to the output (and, backward, to dq, dk and dv), as torch's CPU fl
 
 It is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for this CPU's instruction set (`ARCH`), and kept under `$DIFFUSION_JAX_CACHE`
-(default `~/.cache/diffusion_jax`)/kernels; a build takes about 5 s. Where it cannot be built (no compiler, another jaxlib), `available()` says why once and
-attention runs as XLA tiles instead; set `ENABLED = False` (or DIFFUSION_JAX_CPU_KERNEL=0) to choose
-the tiles.
+(default `~/.cache/diffusion_jax`)/kernels; a build takes about 5 s. Where it cannot be built (no
+compiler, a jaxlib without these headers), `available()` says why once and attention runs as XLA
+tiles instead; set `ENABLED = False` (or DIFFUSION_JAX_CPU_KERNEL=0) to choose the tiles.
 """
 from __future__ import annotations
 
@@ -37,9 +37,20 @@ _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
 
 
-def cache_dir() -> str:
+_cache_dir_override: list = []  # [path or None] once `keep_builds_in` was called
+
+
+def cache_dir() -> str | None:
+  """Where built libraries are kept; None: nowhere (each process builds in a temporary directory)."""
+  if _cache_dir_override:
+    return _cache_dir_override[0]
   root = os.environ.get("DIFFUSION_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
   return os.path.join(root, "kernels")
+
+
+def keep_builds_in(directory: str | None) -> None:
+  """Keeps built libraries in `directory` from now on; None keeps none (for runs that write no caches)."""
+  _cache_dir_override[:] = [directory]
 
 
 def _cpu_signature() -> str:
@@ -51,19 +62,19 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _build(compiler: str) -> str:
-  """Compiles the kernel (once per source, compiler, jaxlib and CPU) and returns the library's path."""
+def _build(compiler: str, directory: str) -> str:
+  """Compiles the kernel into `directory` (once per source, compiler, jaxlib and CPU); the library's path."""
   with open(_SOURCE, "rb") as f:
     source = f.read()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
   key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
       source, version, " ".join((ARCH, *_FLAGS)), jaxlib.__version__, platform.machine(), _cpu_signature()))).hexdigest()[:16]
-  path = os.path.join(cache_dir(), f"attention_cpu-{key}.so")
+  path = os.path.join(directory, f"attention_cpu-{key}.so")
   if os.path.exists(path):
     return path
-  os.makedirs(cache_dir(), exist_ok=True)
+  os.makedirs(directory, exist_ok=True)
   # Built under a temporary name and renamed: processes building at once never load a partial file.
-  fd, tmp = tempfile.mkstemp(suffix=".so", dir=cache_dir())
+  fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
   os.close(fd)
   try:
     subprocess.run([compiler, *shlex.split(ARCH), *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp],
@@ -84,7 +95,11 @@ def _load() -> str | None:
   if compiler is None:
     return "no C++ compiler ($CXX or c++) found"
   try:
-    library = ctypes.cdll.LoadLibrary(_build(compiler))
+    if cache_dir() is None:
+      with tempfile.TemporaryDirectory() as directory:  # a loaded library outlives its file
+        library = ctypes.cdll.LoadLibrary(_build(compiler, directory))
+    else:
+      library = ctypes.cdll.LoadLibrary(_build(compiler, cache_dir()))
     for name in _TARGETS.values():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
   except Exception as error:  # a compiler, jaxlib or platform the kernel does not build with
