@@ -38,9 +38,9 @@ def qkv(b, t, s, n, d, seed=0):
 
 # (batch, queries, keys, heads, head dim): one block of 32 queries and several with a partial last one;
 # head sizes that are multiples of 16 and ones padded to them (40, 80: SD 1.5's; 8); fewer keys than a
-# row group of 4 and long key rows.
+# row group; long key rows, which the forward pass takes in chunks of 256 (online softmax).
 CASES = [(2, 64, 64, 2, 16), (1, 77, 77, 3, 40), (2, 33, 7, 2, 32), (1, 5, 3, 1, 8), (1, 40, 300, 2, 80),
-         (1, 16, 9, 1, 160)]
+         (1, 16, 9, 1, 160), (1, 35, 1500, 2, 24)]
 
 
 @pytest.mark.parametrize("b,t,s,n,d", CASES)
@@ -69,9 +69,13 @@ def test_kernel_under_vmap_and_with_large_scores():
   q, k, v, _ = qkv(3, 20, 11, 2, 16)
   got = jax.vmap(cpu_attention.attention)(q[:, None], k[:, None], v[:, None])[:, 0]
   assert rel_l2(got, softmax_attention(q, k, v)) <= 2e-6
-  # Scores in the hundreds: the softmax must subtract each row's maximum before exponentiating.
+  # Scores in the hundreds: the softmax must subtract each row's maximum before exponentiating, and
+  # in key chunks rescale the earlier chunks' sums when a later chunk holds a larger one.
   big = 30 * q
   assert rel_l2(cpu_attention.attention(big, k, v), softmax_attention(big, k, v)) <= 1e-5
+  q, k, v, _ = qkv(1, 40, 600, 2, 16, seed=3)
+  k = k.at[:, 590].multiply(8.0)  # rows with their largest score in the last chunk
+  assert rel_l2(cpu_attention.attention(30 * q, k, v), softmax_attention(30 * q, k, v)) <= 1e-5
 
 
 def test_multi_head_attention_on_cpu_uses_the_kernel(monkeypatch):

@@ -2,8 +2,9 @@
 
 XLA's CPU backend has no fused attention: `attention.tiled_attention` runs each step of a score tile
 as its own library call or loop, with the tile going out to memory between them. The kernel in
-`kernels/attention_cpu.cc` keeps one block of 32 queries against all keys in the L2 cache from the
-q k^T product to the output (and, backward, to dq, dk and dv), as torch's CPU flash attention does.
+`kernels/attention_cpu.cc` keeps one block of 32 queries in the cache from the q k^T product to the
+output (over chunks of 256 keys, with an online softmax) and, backward, to dq, dk and dv, as torch's
+CPU flash attention does.
 
 It is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`) against
 jaxlib's FFI headers, for this CPU's instruction set (`ARCH`), and kept under `$DIFFUSION_JAX_CACHE`
