@@ -42,10 +42,10 @@ _FUSED_MAX_HEAD_DIM = 256  # cuDNN's limit on Hopper (128 before); the VAE's sin
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False):
   """Scaled dot-product attention on [B, T, heads*Dh] projections.
 
-  On the CPU, unmasked attention runs through the fused kernel of `cpu_attention` (float32, one device)
-  or tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked
-  non-causal attention through cuDNN's fused kernel (`fused_attention`) where this JAX, GPU and head
-  size have it; otherwise, and with a mask, through XLA's `jax.nn.dot_product_attention`.
+  On the CPU, unmasked non-causal attention runs through the fused kernel of `cpu_attention` (float32,
+  one device) or tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked non-causal attention
+  through cuDNN's fused kernel (`fused_attention`) where this JAX, GPU and head size have it;
+  otherwise, and with a mask, through XLA's `jax.nn.dot_product_attention`.
   """
   b, tq, inner = q.shape
   tk = k.shape[1]
@@ -67,7 +67,7 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
 
 
 def _use_cpu_kernel(q, k, v) -> bool:
-  # The kernel's custom call has no sharding rule: with several devices, XLA would gather its operands.
+  # The kernel's custom call has no sharding rule, so sharded programs (several devices) keep the tiles.
   return (CPU_IMPLEMENTATION == "kernel" and all(x.dtype == jnp.float32 for x in (q, k, v))
           and jax.local_device_count() == 1 and cpu_attention.available())
 
