@@ -38,20 +38,23 @@ _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
 
 
-_cache_dir_override: list = []  # [path or None] once `keep_builds_in` was called
+_DEFAULT_DIR = object()
+_kept_in = _DEFAULT_DIR  # set by `keep_builds_in`
+_LIBRARIES: list = []  # loaded libraries, kept for the process's lifetime
 
 
 def cache_dir() -> str | None:
   """Where built libraries are kept; None: nowhere (each process builds in a temporary directory)."""
-  if _cache_dir_override:
-    return _cache_dir_override[0]
+  if _kept_in is not _DEFAULT_DIR:
+    return _kept_in
   root = os.environ.get("DIFFUSION_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
   return os.path.join(root, "kernels")
 
 
 def keep_builds_in(directory: str | None) -> None:
   """Keeps built libraries in `directory` from now on; None keeps none (for runs that write no caches)."""
-  _cache_dir_override[:] = [directory]
+  global _kept_in
+  _kept_in = directory
 
 
 def _cpu_signature() -> str:
@@ -105,11 +108,8 @@ def _load() -> str | None:
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
   except Exception as error:  # a compiler, jaxlib or platform the kernel does not build with
     return f"{type(error).__name__}: {error}"
-  _LIBRARIES.append(library)  # kept loaded for the process's lifetime
+  _LIBRARIES.append(library)
   return None
-
-
-_LIBRARIES: list = []
 
 
 def available() -> bool:
