@@ -7,9 +7,11 @@
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # before the heavy imports: this may re-execute the process once
+if __name__ == "__main__":  # before the heavy imports: --huge-pages re-executes the process once
+  import sys
   from diffusion_jax import host_memory
-  host_memory.reexec_with_huge_pages()
+  if host_memory.FLAG in sys.argv[1:]:
+    host_memory.reexec_with_huge_pages()
 
 import argparse
 import json
@@ -44,6 +46,9 @@ def parse_args(argv=None):
                  help="compilation caches (XLA's, and the compiled generation programs in programs/), so a "
                       "second run of the same shape skips tracing and compiling ('' disables them, and keeps no build "
                       "of the CPU attention kernel)")
+  p.add_argument("--huge-pages", action="store_true",
+                 help="CPU runs: restart once with glibc's transparent huge pages for XLA's buffers (faster "
+                      "sampling; diffusion_jax/host_memory.py)")
   return p.parse_args(argv)
 
 

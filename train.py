@@ -10,9 +10,11 @@ from its newest checkpoint with the same data order and random draws. The result
 """
 from __future__ import annotations
 
-if __name__ == "__main__":  # before the heavy imports: this may re-execute the process once
+if __name__ == "__main__":  # before the heavy imports: --huge-pages re-executes the process once
+  import sys
   from diffusion_jax import host_memory
-  host_memory.reexec_with_huge_pages()
+  if host_memory.FLAG in sys.argv[1:]:
+    host_memory.reexec_with_huge_pages()
 
 import os
 import sys
@@ -25,6 +27,8 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 _CONFIG = config_flags.DEFINE_config_file("config", os.path.join(_HERE, "configs", "default.py"),
                                           "training configuration (a Python file with get_config())")
 _WORKDIR = flags.DEFINE_string("workdir", "runs/default", "run directory: checkpoints, metrics, samples, model/")
+flags.DEFINE_bool("huge-pages", False, "CPU runs: restart once with glibc's transparent huge pages for XLA's "
+                  "buffers (faster steps; diffusion_jax/host_memory.py)")
 
 
 def fail(message: str, code: int = 2) -> None:

@@ -4,9 +4,11 @@ On the CPU, XLA allocates each execution's temporary buffer with `posix_memalign
 glibc maps fresh pages from the kernel every call and unmaps them afterwards. A train step of the
 benchmark's `small` UNet (2.3 GB of temporaries) so takes about 605,000 page faults and 1.2 s of
 kernel time per step. glibc's `glibc.malloc.hugetlb=1` tunable marks those mappings for transparent
-huge pages: 512x fewer faults, and the step runs about 10% faster (benchmarks/RESULTS.md). glibc reads
-tunables only when a process starts, so the command-line entry points re-execute themselves once with
-the tunable set. Set DIFFUSION_JAX_NO_HUGE_PAGES=1 to opt out.
+huge pages: 512x fewer faults, and a faster step (benchmarks/RESULTS.md). glibc reads tunables only
+when a process starts, so this is opt-in, for CPU runs: start Python with
+`GLIBC_TUNABLES=glibc.malloc.hugetlb=1` yourself, or pass `--huge-pages` to train.py or sample.py,
+which then re-execute themselves once with the tunable set (`reexec_with_huge_pages`). Nothing here
+runs on import.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import platform
 import sys
 
 TUNABLE = "glibc.malloc.hugetlb"
-OPT_OUT = "DIFFUSION_JAX_NO_HUGE_PAGES"
+FLAG = "--huge-pages"
 _THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
 
 
@@ -39,8 +41,8 @@ def _kernel_allows_thp(path: str = _THP_SETTING) -> bool:
 
 
 def tunables_env(environ: dict[str, str]) -> dict[str, str] | None:
-  """`environ` with the huge-page tunable added to GLIBC_TUNABLES, or None if it is already there or opted out."""
-  if environ.get(OPT_OUT) or TUNABLE in environ.get("GLIBC_TUNABLES", ""):
+  """`environ` with the huge-page tunable added to GLIBC_TUNABLES, or None if it is already there."""
+  if TUNABLE in environ.get("GLIBC_TUNABLES", ""):
     return None
   current = environ.get("GLIBC_TUNABLES")
   return {**environ, "GLIBC_TUNABLES": f"{current}:{TUNABLE}=1" if current else f"{TUNABLE}=1"}
@@ -49,7 +51,8 @@ def tunables_env(environ: dict[str, str]) -> dict[str, str] | None:
 def reexec_with_huge_pages() -> None:
   """Re-executes this process (same pid, arguments and descriptors) with the tunable, once; else returns.
 
-  Call it first thing in a command-line entry point, before work worth repeating is done.
+  For command-line entry points whose user asked for it (`FLAG`), first thing, before work worth
+  repeating is done; a no-op where glibc or the kernel cannot give huge pages.
   """
   if not sys.platform.startswith("linux") or not _glibc_has_hugetlb_tunable() or not _kernel_allows_thp():
     return
