@@ -1,4 +1,5 @@
 """Every sampler against the matching diffusers scheduler, step by step, with the same fake model and noise."""
+import functools
 import sys
 
 import diffusers
@@ -124,7 +125,12 @@ def check_plan(plan, sched, name):
 
 
 NOISE = np.random.RandomState(1).randn(*SHAPE).astype(np.float32)
-KEY = jax.random.key(7, impl="rbg")  # compiles in a fraction of threefry's time on the CPU
+@functools.cache
+def prng_key():
+  """The samplers' PRNG key, made on first use rather than at collection (rbg: compiles in a fraction of
+  threefry's time on the CPU); concrete even when first asked for inside a trace."""
+  with jax.ensure_compile_time_eval():
+    return jax.random.key(7, impl="rbg")
 
 
 @pytest.mark.parametrize("spacing", ["leading", "trailing", "linspace"])
@@ -133,9 +139,9 @@ KEY = jax.random.key(7, impl="rbg")  # compiles in a fraction of threefry's time
 def test_trajectory_matches_diffusers(name, prediction_type, spacing, monkeypatch):
   config = SchedulerConfig(prediction_type=prediction_type, timestep_spacing=spacing)
   n = 10
-  noises = step_noises(KEY, n)
+  noises = step_noises(prng_key(), n)
   sched, ref = run_diffusers(name, config, NOISE, n, monkeypatch, noises=noises)
-  plan, ours, out = run_ours(name, config, NOISE, n, KEY)
+  plan, ours, out = run_ours(name, config, NOISE, n, prng_key())
   check_plan(plan, sched, name)
   assert len(ours) == len(ref) == n
   for i, (a, b) in enumerate(zip(ours, ref)):
@@ -148,9 +154,9 @@ def test_trajectory_matches_diffusers(name, prediction_type, spacing, monkeypatc
 def test_ddim_with_eta_matches_diffusers(eta, prediction_type, monkeypatch):
   config = SchedulerConfig(prediction_type=prediction_type)
   n = 12
-  noises = step_noises(KEY, n)
+  noises = step_noises(prng_key(), n)
   _, ref = run_diffusers("ddim", config, NOISE, n, monkeypatch, noises=noises, eta=eta)
-  _, ours, _ = run_ours("ddim", config, NOISE, n, KEY, eta=eta)
+  _, ours, _ = run_ours("ddim", config, NOISE, n, prng_key(), eta=eta)
   for a, b in zip(ours, ref):
     assert_close(a, b)
 
@@ -159,9 +165,9 @@ def test_ddim_with_eta_matches_diffusers(eta, prediction_type, monkeypatch):
 def test_zero_terminal_snr_matches_diffusers(name, monkeypatch):
   config = SchedulerConfig(prediction_type="v_prediction", timestep_spacing="trailing", rescale_betas_zero_snr=True)
   n = 8
-  noises = step_noises(KEY, n)
+  noises = step_noises(prng_key(), n)
   sched, ref = run_diffusers(name, config, NOISE, n, monkeypatch, noises=noises)
-  plan, ours, _ = run_ours(name, config, NOISE, n, KEY)
+  plan, ours, _ = run_ours(name, config, NOISE, n, prng_key())
   check_plan(plan, sched, name)
   assert plan.timesteps[0] == 999
   # Euler's first step goes from sigma = 4096 to ~10: in float32 the reference keeps only ~3e-5 of the state.
@@ -188,9 +194,9 @@ def test_img2img_matches_diffusers(name, monkeypatch):
   start = samplers.img2img_start_step(n, strength)
   assert start == 5  # diffusers: init_timestep = int(10 * 0.55) = 5
   init = np.random.RandomState(2).randn(*SHAPE).astype(np.float32)
-  noises = step_noises(KEY, n)
+  noises = step_noises(prng_key(), n)
   _, ref = run_diffusers(name, config, NOISE, n, monkeypatch, noises=noises, start_step=start, init_latents=init)
-  _, ours, out = run_ours(name, config, NOISE, n, KEY, start_step=start, init_latents=init)
+  _, ours, out = run_ours(name, config, NOISE, n, prng_key(), start_step=start, init_latents=init)
   assert len(ours) == len(ref) == n - start
   for a, b in zip(ours, ref):
     assert_close(a, b)
@@ -205,7 +211,7 @@ def test_inpainting_matches_diffusers(name, monkeypatch):
   _, ref = run_diffusers(name, config, NOISE, n, monkeypatch, init_latents=init, mask=mask)
   plan = samplers.make_plan(name, config, n)
   blend = samplers.inpaint_post_step(plan, jnp.asarray(init), jnp.asarray(NOISE), jnp.asarray(mask))
-  _, ours, out = run_ours(name, config, NOISE, n, KEY, post_step=lambda x, i: record_state(blend(x, i), i))
+  _, ours, out = run_ours(name, config, NOISE, n, prng_key(), post_step=lambda x, i: record_state(blend(x, i), i))
   for a, b in zip(ours, ref):
     assert_close(a, b)
   np.testing.assert_array_equal(out[mask[..., 0] == 0], init[mask[..., 0] == 0])  # known region is exact
@@ -255,7 +261,7 @@ def test_every_parametrisation_gives_the_same_samples(name):
       alpha, sigma = lookup(t)
       return losses.convert(jax_model(x, t), x, alpha, sigma, "epsilon", prediction_type)
 
-    results[prediction_type] = np.asarray(jax.jit(lambda z: samplers.sample(name, model, z, plan, KEY))(NOISE))
+    results[prediction_type] = np.asarray(jax.jit(lambda z: samplers.sample(name, model, z, plan, prng_key()))(NOISE))
   assert_close(results["v_prediction"], results["epsilon"], rtol=2e-5)
   assert_close(results["sample"], results["epsilon"], rtol=2e-5)
 
@@ -270,7 +276,7 @@ def test_api_errors():
   with pytest.raises(ValueError, match="PRNG key"):
     samplers.sample("euler_a", jax_model, NOISE, plan, None)
   with pytest.raises(ValueError, match="does not match"):
-    samplers.sample("euler", jax_model, NOISE, plan, KEY)
+    samplers.sample("euler", jax_model, NOISE, plan, prng_key())
 
 
 def test_plan_is_a_pytree_that_jit_accepts():
@@ -292,9 +298,9 @@ def test_one_step_at_a_time_gives_the_same_samples(name, start_step, inpaint):
   mask = (np.arange(SHAPE[2]) < 2).astype(np.float32).reshape(1, 1, -1, 1)
   post_step = samplers.inpaint_post_step(plan, x0, NOISE, mask) if inpaint else None
   init = None if inpaint else x0
-  whole = jax.jit(lambda z: samplers.sample(name, jax_model, z, plan, KEY, start_step=start_step,
+  whole = jax.jit(lambda z: samplers.sample(name, jax_model, z, plan, prng_key(), start_step=start_step,
                                             init_latents=init, post_step=post_step))(NOISE)
-  one_step = jax.jit(lambda state, i: samplers.run_steps(name, jax_model, state, plan, KEY, first=i, count=1,
+  one_step = jax.jit(lambda state, i: samplers.run_steps(name, jax_model, state, plan, prng_key(), first=i, count=1,
                                                          post_step=post_step))
   state = samplers.initial_state(name, NOISE, plan, start_step=start_step, init_latents=init)
   for i in range(start_step, n):
@@ -302,8 +308,8 @@ def test_one_step_at_a_time_gives_the_same_samples(name, start_step, inpaint):
   assert_close(np.asarray(state[0]), np.asarray(whole), rtol=1e-5)
   # A static first step and count: the last steps on their own, from the state before them.
   state = samplers.initial_state(name, NOISE, plan, start_step=start_step, init_latents=init)
-  state = samplers.run_steps(name, jax_model, state, plan, KEY, first=start_step, count=2, post_step=post_step)
-  state = samplers.run_steps(name, jax_model, state, plan, KEY, first=start_step + 2, post_step=post_step)
+  state = samplers.run_steps(name, jax_model, state, plan, prng_key(), first=start_step, count=2, post_step=post_step)
+  state = samplers.run_steps(name, jax_model, state, plan, prng_key(), first=start_step + 2, post_step=post_step)
   assert_close(np.asarray(state[0]), np.asarray(whole), rtol=1e-5)
 
 
