@@ -208,7 +208,7 @@ class ImageFolderSource:
     index = int(index)
     image = _load_image(Path(self._paths[index]))
     return {
-        "image": transforms.resize_and_center_crop(image, self.image_size, self.resample),
+        "image": transforms.resize_center_crop(image, self.image_size, self.resample),
         "caption": self._captions[index],
     }
 

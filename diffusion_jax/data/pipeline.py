@@ -1,4 +1,4 @@
-"""The grain input pipeline: sources by name, then shard, shuffle, augment, batch.
+"""The grain input pipeline: sources by name, then shard, shuffle, transform, batch.
 
 Sources are random-access sequences of {"image": uint8 [H, W, 3], "caption": str}.
 `make_dataset` reads one into batches; its iterator is a
@@ -23,18 +23,6 @@ Record = dict[str, Any]
 Tokenizer = Callable[[list[str]], np.ndarray]
 
 
-@dataclasses.dataclass(frozen=True)
-class Augment:
-  """Random per-example augmentation (seeded by the pipeline seed and the example's position).
-
-  Horizontal flips are off by default: in `shapes` (and in any caption that
-  says "left" or "right") they would contradict the caption.
-  """
-
-  hflip: bool = False  # flip left-right with probability 1/2
-  caption_dropout: float = 0.0  # replace the caption by "" with this probability (for guidance)
-
-
 class ShapesSource:
   """`shapes` records as {"image", "caption": str}.
 
@@ -54,7 +42,7 @@ class ShapesSource:
     example = self._source[int(index)]
     image = example["image"]
     if image.shape[0] != self.image_size:
-      image = image_transforms.resize_and_center_crop(image, self.image_size)
+      image = image_transforms.resize_center_crop(image, self.image_size)
     record = {"image": image, "caption": example["caption"].decode("utf-8")}
     if self.labels:
       record.update({k: v for k, v in example.items() if k not in ("image", "caption")})
@@ -123,19 +111,8 @@ def get_source(config) -> Sequence[Record]:
 # Per-example and per-batch steps.
 
 
-def _augment(record: Record, rng: np.random.Generator, augment: Augment) -> Record:
-  record = dict(record)
-  flip, drop = rng.random(2)  # always draw both, so each option's draws are stable
-  if augment.hflip and flip < 0.5:
-    record["image"] = record["image"][:, ::-1]
-  if drop < augment.caption_dropout:
-    record["caption"] = ""
-  return record
-
-
 def _normalize(batch: Record) -> Record:
-  """uint8 [0, 255] -> float32 [-1, 1]."""
-  return {**batch, "image": batch["image"].astype(np.float32) / 127.5 - 1.0}
+  return {**batch, "image": image_transforms.to_model_pixels(batch["image"])}
 
 
 def _tokenize(batch: Record, tokenizer: Tokenizer) -> Record:
@@ -161,7 +138,7 @@ def shard(ds: grain.MapDataset, process_index: int, process_count: int) -> grain
 def make_dataset(source: Sequence[Record], *, batch_size: int, seed: int = 0,
                  shuffle: bool = True, num_epochs: int | None = None,
                  process_index: int | None = None, process_count: int | None = None,
-                 transforms: Sequence[Any] = (), augment: Augment = Augment(),
+                 transforms: Sequence[Any] = (),
                  tokenizer: Tokenizer | None = None, normalize: bool = False,
                  drop_remainder: bool = True, worker_count: int = 0,
                  worker_buffer_size: int = 1, read_threads: int = 4,
@@ -171,13 +148,12 @@ def make_dataset(source: Sequence[Record], *, batch_size: int, seed: int = 0,
   Args:
     source: random-access records {"image": uint8 [H, W, 3], "caption": str}.
     batch_size: examples per batch on this process.
-    seed: seeds the shuffle (reshuffled each epoch) and the augmentation.
+    seed: seeds the shuffle (reshuffled each epoch) and random transforms.
     shuffle: shuffle the records.
     num_epochs: passes over the data; None repeats forever.
     process_index, process_count: this process's shard (jax.process_index() and
       jax.process_count() when None). Shards are disjoint and equally sized.
-    transforms: per-record callables or grain transforms, applied before augmentation.
-    augment: random flips and caption dropout (all off by default).
+    transforms: per-record callables or grain transforms (grain's RandomMap for random ones).
     tokenizer: list[str] -> int [B, L]; its output becomes batch["tokens"] (int32).
     normalize: images as float32 in [-1, 1] instead of uint8 in [0, 255].
     drop_remainder: drop a last batch smaller than `batch_size` (finite epochs).
@@ -200,8 +176,6 @@ def make_dataset(source: Sequence[Record], *, batch_size: int, seed: int = 0,
   ds = ds.repeat(num_epochs)
   for transform in transforms:
     ds = _apply(ds, transform)
-  if augment != Augment():
-    ds = ds.random_map(functools.partial(_augment, augment=augment))
   ds = ds.batch(batch_size, drop_remainder=drop_remainder)
   if tokenizer is not None:
     ds = ds.map(functools.partial(_tokenize, tokenizer=tokenizer))

@@ -118,7 +118,7 @@ class TfdsCatalogSource:
     example = self._source[int(index)]
     image = np.asarray(_lookup(example, self.mapping.image_key))
     return {
-        "image": transforms.resize_and_center_crop(image, self.image_size, self.resample),
+        "image": transforms.resize_center_crop(image, self.image_size, self.resample),
         "caption": self._caption(example),
     }
 
