@@ -1,4 +1,4 @@
-"""The `shapes` data set: TFDS build without TensorFlow, the spec, and the evaluator."""
+"""The `shapes` data set: TFDS build without TensorFlow, and the spec (the evaluator: test_shapes_eval.py)."""
 
 import re
 import sys
@@ -6,7 +6,6 @@ import sys
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from PIL import Image, ImageFilter
 
 from diffusion_jax.data import shapes
 
@@ -203,66 +202,3 @@ def test_parse_caption():
 def test_caption_round_trip(test_examples):
   for ex in test_examples:
     assert shapes.caption_of(shapes.parse_caption(ex["caption"])) == ex["caption"]
-
-
-# ----------------------------------------------------------------------------
-# Evaluator.
-
-
-def _batch(examples):
-  return np.stack([e["image"] for e in examples]), [e["caption"] for e in examples]
-
-
-def test_evaluator_is_perfect_on_test_images(test_examples):
-  images, captions = _batch(test_examples)
-  result = shapes.evaluate(images, captions)
-  assert result["num_images"] == 300
-  for group in ("all", "single", "two", "held_out", "seen"):
-    for metric in ("color", "shape", "position", "count", "all"):
-      assert result["metrics"][f"{group}/{metric}"] == 1.0, (group, metric)
-  assert result["metrics"]["single/size"] == 1.0
-  # detections agree with the labels
-  for ex, detail in zip(test_examples[:50], result["details"]):
-    boxes = {tuple(int(v) for v in b) for b in ex["boxes"][: ex["num_objects"]]}
-    assert {o.box for o in detail["objects"]} == boxes
-
-
-def test_evaluator_is_low_on_shuffled_captions(test_examples):
-  images, captions = _batch(test_examples)
-  shuffled = list(np.random.default_rng(0).permutation(captions))
-  metrics = shapes.evaluate(images, shuffled)["metrics"]
-  assert metrics["all/all"] < 0.1
-  assert metrics["all/color"] < 0.3 and metrics["all/position"] < 0.4
-
-
-def test_evaluator_scores_position_on_mirrored_images(test_examples):
-  # Mirroring keeps colours and (symmetric) shapes but swaps left and right.
-  images, captions = _batch(test_examples)
-  details = shapes.evaluate(images[:, :, ::-1], captions)["details"]
-  for d in details:
-    assert d["scores"]["color"] and d["scores"]["shape"]
-    sideways = d["spec"].region in ("on the left", "on the right") or d["spec"].relation in (
-        "to the left of", "to the right of")
-    assert d["scores"]["position"] != sideways, d["caption"]
-
-
-def test_evaluator_tolerates_blur_noise_and_other_sizes(test_examples):
-  images, captions = _batch(test_examples[:120])
-  rng = np.random.default_rng(0)
-  blurred = np.stack([np.asarray(Image.fromarray(i).filter(ImageFilter.GaussianBlur(1.0)))
-                      for i in images]).astype(np.float32)
-  noisy = np.clip(blurred + rng.normal(0, 10, blurred.shape), 0, 255).astype(np.uint8)
-  specks = images.copy()
-  specks[:, rng.integers(0, 64, 30), rng.integers(0, 64, 30)] = (0, 0, 0)  # isolated dark pixels
-  specks[:, 5:7, 60:62] = shapes.PALETTE["red"]  # a 2x2 red speck
-  upscaled = np.stack([np.asarray(Image.fromarray(i).resize((256, 256), Image.BICUBIC))
-                       for i in images])
-  for name, batch in [("noisy", noisy), ("specks", specks), ("upscaled", upscaled)]:
-    assert shapes.evaluate(batch, captions)["metrics"]["all/all"] >= 0.97, name
-
-
-def test_evaluator_rejects_bad_input():
-  with pytest.raises(ValueError):
-    shapes.evaluate(np.zeros((2, 64, 64, 3), np.float32), ["a small red circle on the left"] * 2)
-  with pytest.raises(ValueError):
-    shapes.evaluate(np.zeros((2, 64, 64, 3), np.uint8), ["a small red circle on the left"])
