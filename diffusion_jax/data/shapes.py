@@ -30,6 +30,8 @@ from diffusion_jax.data.shapes_spec import (  # noqa: F401
     BACKGROUND, COLORS, HELD_OUT_PAIRS, IMAGE_SIZE, MAX_PAIR_OFFSET, MIN_PAIR_DISTANCE,
     PAIR_OBJECT_SIZE, PALETTE, REGION_CENTRES, REGIONS, RELATIONS, SHAPES, SIZE_RANGES, SIZES,
     Box, CaptionSpec, ObjectSpec, Scene, caption_of, inside_shape, parse_caption, shape_mask)
+# So is the evaluator.
+from diffusion_jax.data.shapes_eval import detect_objects, evaluate  # noqa: F401
 
 SPLIT_SIZES = {"train": 50_000, "test": 2_000}
 _BASE_SEED = 20240611
@@ -247,7 +249,3 @@ def load_shapes(data_dir: str | None = None, **sizes) -> dict:
   builder = shapes_builder(data_dir, **sizes)
   builder.download_and_prepare()
   return builder.as_data_source()
-
-
-# The evaluator lives in its own module; it is part of this data set's API.
-from diffusion_jax.data.shapes_eval import detect_objects, evaluate  # noqa: E402,F401
