@@ -10,11 +10,13 @@ Layout of `<workdir>/checkpoints/<step>/`, one orbax item per entry:
 
 Saves are asynchronous: `save` returns once the arrays have been copied off the
 devices (so the caller may donate or overwrite them), files are written in a
-background thread. Orbax writes each step into `<step>.orbax-checkpoint-tmp*` and
-renames it to `<step>` only when every item is complete, so a crash mid-save
-leaves the earlier checkpoints untouched; the temporary directory is deleted at
-the next start. As a second guard, only steps holding orbax's `commit_success.txt`
-count as complete.
+background thread. Orbax's CheckpointManager writes each step into
+`<step>.orbax-checkpoint-tmp*` and renames it to `<step>` only when every item is
+complete, so a crash mid-save leaves the earlier checkpoints untouched; it deletes
+such temporary directories when it next opens the directory (before its first save).
+As a second guard against step directories copied only in part, only steps holding
+orbax's `commit_success.txt` count as complete. A save that fails (a full disk)
+removes its partial files at once, so that the space is free again.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 _COMMIT_FILE = "commit_success.txt"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _RESERVED_ITEMS = ("meta", "rng", "config", "data_iterator")
-_FORMAT_VERSION = 1
+_FORMAT_VERSION = 2  # 2: the key through orbax's JaxRandomKey handler
 
 
 class CheckpointSaveError(RuntimeError):
@@ -178,9 +180,6 @@ class Checkpointer:
       async_save: write in a background thread.
     """
     self.directory = epath.Path(os.path.abspath(os.fspath(directory)))
-    # Orbax also removes these, but in a background thread; removing them here
-    # means the directory is clean as soon as the constructor returns.
-    self._remove_unfinished("*")
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         save_interval_steps=save_interval_steps,
@@ -243,15 +242,12 @@ class Checkpointer:
     self.wait()  # report a failure of the previous save before starting another
     if not force and not self._manager.should_save(step):
       return False
-    self._remove_unfinished("*")  # nothing is in flight: any leftover is stale
 
-    meta = {"format": _FORMAT_VERSION, "items": sorted(items), "rng": None,
+    meta = {"format": _FORMAT_VERSION, "items": sorted(items), "rng": rng is not None,
             "config": config is not None, "data_iterator": data_iterator is not None}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     if rng is not None:
-      typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
-      meta["rng"] = {"typed": bool(typed), "impl": str(jax.random.key_impl(rng)) if typed else None}
-      args["rng"] = ocp.args.StandardSave({"key_data": jax.random.key_data(rng) if typed else rng})
+      args["rng"] = ocp.args.JaxRandomKeySave(rng)
     if config is not None:
       args["config"] = ocp.args.JsonSave(_config_to_json(config))
     if data_iterator is not None:
@@ -281,12 +277,12 @@ class Checkpointer:
       raise self._save_failed(step, err) from err
     self._pending_step = None
 
-  def _remove_unfinished(self, step: int | str, settle_s: float = 0.0) -> None:
-    """Deletes the temporary directories of unfinished saves of `step` ("*": any step).
+  def _remove_unfinished(self, step: int, settle_s: float) -> None:
+    """Deletes the temporary directory of the failed save of `step`.
 
-    After a failed asynchronous save, writer threads of the other items may still
-    be running and recreate files; with `settle_s` > 0 the directory is removed
-    again until it has stayed gone for that long (at most ten times as long).
+    Writer threads of the other items may still be running and recreate files, so
+    the directory is removed again until it has stayed gone for `settle_s` (at most
+    ten times as long).
     """
     if jax.process_index() != 0 or not self.directory.exists():
       return
@@ -386,8 +382,11 @@ class Checkpointer:
       if abstract is None:
         abstract = _replicated_like(saved_trees[name])
       args[name] = ocp.args.StandardRestore(jax.tree.map(_with_sharding, abstract))
-    if meta["rng"] is not None:
+    legacy_rng = isinstance(meta["rng"], dict)  # format 1: {"key_data": ...} and the key's type in meta
+    if legacy_rng:
       args["rng"] = ocp.args.StandardRestore(_replicated_like(self._saved_tree(step, "rng")))
+    elif meta["rng"]:
+      args["rng"] = ocp.args.JaxRandomKeyRestore(ocp.ArrayRestoreArgs(sharding=_replicated_sharding()))
     if meta["config"]:
       args["config"] = ocp.args.JsonRestore()
     if data_iterator is not None:
@@ -399,9 +398,9 @@ class Checkpointer:
       args["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
 
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-    rng = None
-    if meta["rng"] is not None:
-      rng = jnp.asarray(restored["rng"]["key_data"])
+    rng = restored["rng"] if meta["rng"] else None
+    if legacy_rng:
+      rng = jnp.asarray(rng["key_data"])
       if meta["rng"]["typed"]:
         rng = jax.random.wrap_key_data(rng, impl=meta["rng"]["impl"])
     return RestoredCheckpoint(

@@ -159,11 +159,14 @@ def test_resume_picks_latest_complete_step(tmp_path):
   os.remove(tmp_path / "3" / "commit_success.txt")
   shutil.rmtree(tmp_path / "3" / "unet")
   with Checkpointer(tmp_path) as ckpt:
-    assert not (tmp_path / "4.orbax-checkpoint-tmp-1234").exists()  # cleaned at start
     assert ckpt.latest_step() == 2
     restored = ckpt.restore()
     with pytest.raises(FileNotFoundError, match="step 3"):
       ckpt.restore(3)
+    ckpt.save(5, {"unet": _params(5)})
+    ckpt.wait()
+    # Orbax removed the temporary directory (in the background, done before its first save).
+    assert not (tmp_path / "4.orbax-checkpoint-tmp-1234").exists()
   assert restored.step == 2
   _assert_trees_equal(restored.items["unet"], _params(2))
 
@@ -190,7 +193,6 @@ def test_sigkill_during_async_save_keeps_last_complete_checkpoint(tmp_path):
       leftovers
 
   with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
-    assert sorted(os.listdir(tmp_path)) == ["1"]  # the half-written step is removed
     assert ckpt.latest_step() == 1
     restored = ckpt.restore()
     step1 = checkpoint_worker.tree_for_step(1, *checkpoint_worker.SMALL)
@@ -198,8 +200,9 @@ def test_sigkill_during_async_save_keeps_last_complete_checkpoint(tmp_path):
     np.testing.assert_array_equal(jax.random.key_data(restored.rng),
                                   jax.random.key_data(jax.random.key(1)))
     assert restored.config == {"step": 1}
-    # The resumed run saves step 2 again.
+    # The resumed run saves step 2 again; the half-written one is gone.
     ckpt.save(2, {"unet": _params(2)})
+  assert sorted(os.listdir(tmp_path)) == ["1", "2"]
   with Checkpointer(tmp_path) as ckpt:
     assert ckpt.all_steps() == [1, 2]
 
@@ -252,8 +255,11 @@ def _can_mount_tmpfs():
     os.rmdir(probe)
 
 
+# A real full file system (a 1 MiB tmpfs) needs root on Linux; elsewhere the simulated writer
+# above covers the path.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def _no_space_left_on_a_real_full_disk(tmp_path):
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="mounting a 1 MiB tmpfs needs root on Linux")
+def test_no_space_left_on_a_real_full_disk(tmp_path):
   disk = tmp_path / "disk"
   disk.mkdir()
   subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], check=True)
@@ -272,12 +278,6 @@ def _no_space_left_on_a_real_full_disk(tmp_path):
     ckpt.close()
   finally:
     subprocess.run(["umount", str(disk)], check=True)
-
-
-# A real full file system (a 1 MiB tmpfs) needs root on Linux; where it cannot be
-# mounted the test does not exist, and the simulated writer above covers the path.
-if _can_mount_tmpfs():
-  test_no_space_left_on_a_real_full_disk = _no_space_left_on_a_real_full_disk
 
 
 # ------------------------------------------------------------------- mismatches
