@@ -12,12 +12,6 @@ def rel_l2(a, b):
   return np.linalg.norm(a - b) / np.linalg.norm(b)
 
 
-@pytest.fixture
-def cpu_paths(monkeypatch):
-  """The CPU's code paths (attention tiles, feed-forward chunks), whichever backend runs the test."""
-  monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
-
-
 def qkv(b, t, s, n, d, seed=0):
   ks = jax.random.split(jax.random.key(seed), 4)
   q = 2 * jax.random.normal(ks[0], (b, t, n, d))
@@ -67,15 +61,24 @@ def test_tiling_keeps_tiles_within_budget_and_divides_evenly():
     assert group == 1 or chunk == tq  # pairs are only grouped when a tile holds all their queries
 
 
-def test_multi_head_attention_on_cpu_uses_tiles_and_agrees(cpu_paths, monkeypatch):
-  monkeypatch.setattr(attention, "CPU_IMPLEMENTATION", "tiles")
+def test_multi_head_attention_with_tiles_agrees():
   q, k, v, _ = qkv(2, 16, 7, 4, 8)
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]  # [B, T, N*Dh]
-  got = attention.multi_head_attention(*flat, heads=4)
+  tiles = lambda *a: attention.multi_head_attention(*a, heads=4, implementation="cpu_tiles")
+  got = tiles(*flat)
   want = jax.nn.dot_product_attention(q, k, v).reshape(2, 16, 32)
   assert rel_l2(got, want) <= 1e-6
-  jaxpr = str(jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat))
-  assert "custom_vjp_call" in jaxpr  # the tiled path, not jax.nn.dot_product_attention's
+  assert "custom_vjp_call" in str(jax.make_jaxpr(tiles)(*flat))  # the tiled path, not jax.nn.dot_product_attention's
+  plain = jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat)
+  assert "custom_vjp_call" not in str(plain)  # "xla", the default, on any backend
+
+
+def test_multi_head_attention_refuses_auto_and_unknown_implementations():
+  x = jnp.ones((1, 8, 16))
+  with pytest.raises(ValueError, match="hardware.configure"):
+    attention.multi_head_attention(x, x, x, heads=2, implementation="auto")
+  with pytest.raises(ValueError, match="use one of"):
+    attention.multi_head_attention(x, x, x, heads=2, implementation="flash")
 
 
 def test_fused_attention_falls_back_where_the_kernel_is_missing(monkeypatch):
@@ -100,85 +103,90 @@ def test_fused_attention_falls_back_where_the_kernel_is_missing(monkeypatch):
     return xla_attention(*args, **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", without_kernel)
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]
-  got = attention.multi_head_attention(*flat, heads=4)
+  cudnn = lambda *a: attention.multi_head_attention(*a, heads=4, implementation="cudnn")
+  got = cudnn(*flat)
   want = want.reshape(2, 16, 32)
   assert got.dtype == jnp.bfloat16
   assert rel_l2(got.astype(jnp.float32), want.astype(jnp.float32)) <= 1e-2
-  jaxpr = str(jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat))
-  assert "custom_vjp_call" not in jaxpr  # not the CPU's tiled path
+  assert "custom_vjp_call" not in str(jax.make_jaxpr(cudnn)(*flat))  # not the CPU's tiled path
 
 
-def test_fused_attention_is_asked_for_16_bit_unmasked_attention_on_a_gpu(monkeypatch):
+def test_fused_attention_is_asked_for_16_bit_unmasked_attention_when_cudnn_is_chosen(monkeypatch):
   calls = []
   monkeypatch.setattr(attention, "fused_attention", lambda q, k, v, impl: calls.append((q.dtype, q.shape[-1], impl)))
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  cudnn = lambda *a, **kw: attention.multi_head_attention(*a, implementation="cudnn", **kw)
   q, k, v, _ = qkv(1, 8, 8, 2, 8)
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]  # [1, 8, 16]
   half = [x.astype(jnp.bfloat16) for x in flat]
-  attention.multi_head_attention(*flat, heads=2)  # float32: XLA's
-  attention.multi_head_attention(*half, heads=2)  # the one fused call
-  attention.multi_head_attention(*(x.astype(jnp.float16) for x in flat), heads=2, mask=jnp.ones((1, 1, 8, 8), bool))
-  attention.multi_head_attention(*half, heads=2, is_causal=True)  # the text encoder's
-  attention.multi_head_attention(*half, heads=4)  # head dim 4: not a multiple of 8
+  cudnn(*flat, heads=2)  # float32: XLA's
+  cudnn(*half, heads=2)  # the one fused call
+  cudnn(*(x.astype(jnp.float16) for x in flat), heads=2, mask=jnp.ones((1, 1, 8, 8), bool))
+  cudnn(*half, heads=2, is_causal=True)  # the text encoder's
+  cudnn(*half, heads=4)  # head dim 4: not a multiple of 8
   wide = [jnp.tile(x, (1, 1, 64)) for x in half]  # [1, 8, 1024]: one head of 1024 > 256, as the VAE's 512
-  attention.multi_head_attention(*wide, heads=1)
-  monkeypatch.setattr(attention, "GPU_IMPLEMENTATION", None)
-  attention.multi_head_attention(*half, heads=2)
+  cudnn(*wide, heads=1)
+  attention.multi_head_attention(*half, heads=2, implementation="xla")
   assert calls == [(jnp.bfloat16, 8, "cudnn")]
 
 
-def _block_and_inputs(rows_per_sample=64, batch=4, channels=32):
+def _block_and_inputs(rows_per_sample=256, batch=4, channels=32, **block_kwargs):
   from flax.linen import meta
-  block = attention.TransformerBlock(heads=4, dim_head=channels // 4)
+  block = attention.TransformerBlock(heads=4, dim_head=channels // 4, **block_kwargs)
   x = jax.random.normal(jax.random.key(0), (batch, rows_per_sample, channels))
   context = jax.random.normal(jax.random.key(1), (batch, 7, 16))
   params = meta.unbox(block.init(jax.random.key(2), x, context)["params"])
   return block, params, x, context
 
 
-def test_feed_forward_in_chunks_is_the_same_layer(monkeypatch, cpu_paths):
-  """The CPU's chunked feed-forward: same parameters, same outputs and gradients as in one piece."""
+def test_feed_forward_in_chunks_is_the_same_layer():
+  """The chunked feed-forward: same parameters, same outputs and gradients as in one piece."""
   block, params, x, context = _block_and_inputs()
   rows, inner = x.shape[0] * x.shape[1], x.shape[2] * 4
-  assert attention._ff_chunk_rows(rows, inner) == rows  # small enough to run in one piece
-  abstract = lambda: jax.eval_shape(lambda: block.init(jax.random.key(2), x, context)["params"])
-  whole_abstract = abstract()
-  f = lambda p, x: block.apply({"params": p}, x, context)
-  whole, whole_vjp = jax.vjp(f, params, x)
-  dy = jax.random.normal(jax.random.key(3), whole.shape)
-  whole_grads = whole_vjp(dy)
-
-  monkeypatch.setattr(attention, "CPU_FF_CHUNK_ELEMENTS", 64 * 2 * inner)  # 64 rows a chunk: 4 chunks
-  monkeypatch.setattr(attention, "_MIN_FF_CHUNK_ROWS", 16)
-  assert attention._ff_chunk_rows(rows, inner) == 64
+  chunked_block = attention.TransformerBlock(heads=4, dim_head=8, ff_chunk_elements=256 * 2 * inner)  # 4 chunks
+  assert attention._ff_chunk_rows(rows, inner, chunked_block.ff_chunk_elements) == 256
+  abstract = lambda b: jax.eval_shape(lambda: b.init(jax.random.key(2), x, context)["params"])
   # The same parameters, shapes and logical axis names (sharding rules): checkpoints fit both.
-  assert abstract() == whole_abstract
-  chunked, chunked_vjp = jax.vjp(f, params, x)
+  assert abstract(chunked_block) == abstract(block)
+  whole, whole_vjp = jax.vjp(lambda p, x: block.apply({"params": p}, x, context), params, x)
+  chunked, chunked_vjp = jax.vjp(lambda p, x: chunked_block.apply({"params": p}, x, context), params, x)
+  jaxpr = str(jax.make_jaxpr(lambda p: chunked_block.apply({"params": p}, x, context))(params))
+  assert "scan" in jaxpr and "scan" not in str(jax.make_jaxpr(lambda p: block.apply({"params": p}, x, context))(params))
+  dy = jax.random.normal(jax.random.key(3), whole.shape)
   np.testing.assert_allclose(np.asarray(chunked), np.asarray(whole), rtol=1e-6, atol=1e-6)
-  for a, b in zip(jax.tree.leaves(chunked_vjp(dy)), jax.tree.leaves(whole_grads)):
+  for a, b in zip(jax.tree.leaves(chunked_vjp(dy)), jax.tree.leaves(whole_vjp(dy))):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)
 
 
-def test_feed_forward_chunks_divide_the_rows_and_stay_on_the_cpu(monkeypatch, cpu_paths):
-  assert attention._ff_chunk_rows(8192, 512) == 512  # the small UNet at 32x32: 2 MiB of activations a chunk
-  assert attention._ff_chunk_rows(2048, 1024) == 256
-  assert attention._ff_chunk_rows(8191, 512) == 8191  # a prime: chunks of one row would be slower
-  assert attention._ff_chunk_rows(4096, 1280) == 4096  # SD 1.5 at 64x64: 128-row chunks were slower
-  assert attention._ff_chunk_rows(1024, 2560) == 1024
-  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-  assert attention._ff_chunk_rows(8192, 512) == 8192
+def test_feed_forward_chunks_divide_the_rows():
+  chunk_elements = 1 << 19  # 2 MiB of float32 activations a chunk
+  assert attention._ff_chunk_rows(8192, 512, chunk_elements) == 512
+  assert attention._ff_chunk_rows(2048, 1024, chunk_elements) == 256
+  assert attention._ff_chunk_rows(8191, 512, chunk_elements) == 8191  # a prime: chunks of one row would be slower
+  assert attention._ff_chunk_rows(4096, 1280, chunk_elements) == 4096  # chunks below the minimum rows: one piece
+  assert attention._ff_chunk_rows(1024, 2560, chunk_elements) == 1024
+  assert attention._ff_chunk_rows(8192, 512, 0) == 8192  # 0: in one piece
+  with pytest.raises(ValueError, match="hardware.configure"):
+    attention._ff_chunk_rows(8192, 512, "auto")
 
 
-def test_feed_forward_chunks_take_their_own_dropout_masks(monkeypatch, cpu_paths):
+def test_feed_forward_chunks_take_their_own_dropout_masks():
   from flax.linen import meta
-  monkeypatch.setattr(attention, "CPU_FF_CHUNK_ELEMENTS", 64 * 2 * 128)
-  monkeypatch.setattr(attention, "_MIN_FF_CHUNK_ROWS", 16)
-  block = attention.TransformerBlock(heads=4, dim_head=8, dropout=0.5)
-  x = jnp.ones((2, 64, 32))  # every row alike: only dropout tells the chunks' outputs apart
+  block = attention.TransformerBlock(heads=4, dim_head=8, dropout=0.5, ff_chunk_elements=256 * 2 * 128)
+  x = jnp.ones((2, 256, 32))  # every row alike: only dropout tells the chunks' outputs apart
   context = jnp.ones((2, 7, 16))
   params = meta.unbox(block.init(jax.random.key(2), x, context)["params"])
   y = block.apply({"params": params}, x, context, deterministic=False, rngs={"dropout": jax.random.key(4)})
-  chunks = np.asarray(y).reshape(2, 64, 32)  # 2 chunks of 64 rows
+  chunks = np.asarray(y).reshape(2, 256, 32)  # 2 chunks of 256 rows
   assert np.isfinite(chunks).all() and not np.allclose(chunks[0], chunks[1])
+
+
+@pytest.mark.parametrize("implementation", ["cpu_tiles", "cudnn"])
+def test_transformer_block_runs_the_chosen_attention_with_the_same_result(implementation):
+  block, params, x, context = _block_and_inputs(rows_per_sample=16, batch=2)
+  chosen = attention.TransformerBlock(heads=4, dim_head=8, attention=implementation)
+  want = block.apply({"params": params}, x, context)
+  got = chosen.apply({"params": params}, x, context)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+  tiled = "custom_vjp_call" in str(jax.make_jaxpr(lambda p: chosen.apply({"params": p}, x, context))(params))
+  assert tiled == (implementation == "cpu_tiles")

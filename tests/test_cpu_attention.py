@@ -11,7 +11,13 @@ import pytest
 
 from diffusion_jax.nn import attention, cpu_attention
 
-pytestmark = pytest.mark.skipif(not cpu_attention.available(), reason="the CPU attention kernel did not build here")
+
+
+@pytest.fixture(autouse=True)
+def kernel():
+  """Builds the kernel once per process (at the first test, not while collecting) or skips with the reason."""
+  if not cpu_attention.available():
+    pytest.skip("the CPU attention kernel did not build here")
 
 
 def rel_l2(a, b):
@@ -78,19 +84,21 @@ def test_kernel_under_vmap_and_with_large_scores():
   assert rel_l2(cpu_attention.attention(30 * q, k, v), softmax_attention(30 * q, k, v)) <= 1e-5
 
 
-def test_multi_head_attention_on_cpu_uses_the_kernel(monkeypatch):
-  monkeypatch.setattr(attention, "CPU_IMPLEMENTATION", "kernel")
+def test_multi_head_attention_runs_the_kernel_where_chosen():
   q, k, v, _ = qkv(2, 16, 7, 4, 16)
   flat = [x.reshape(x.shape[0], x.shape[1], -1) for x in (q, k, v)]  # [B, T, N*Dh]
+  kernel = lambda *a, **kw: attention.multi_head_attention(*a, heads=4, implementation="cpu_kernel", **kw)
   with jax.default_device(jax.devices("cpu")[0]):
-    jaxpr = str(jax.make_jaxpr(lambda *a: attention.multi_head_attention(*a, heads=4))(*flat))
-    got = attention.multi_head_attention(*flat, heads=4)
+    jaxpr = str(jax.make_jaxpr(kernel)(*flat))
+    got = kernel(*flat)
   assert "DiffusionJaxAttentionForward" in jaxpr
   assert rel_l2(got, softmax_attention(q, k, v).reshape(2, 16, 64)) <= 2e-6
-  # bfloat16 and masks stay with XLA.
+  # bfloat16 runs as the tiles; masks stay with XLA.
   half = [x.astype(jnp.bfloat16) for x in flat]
-  assert "DiffusionJaxAttentionForward" not in str(jax.make_jaxpr(
-      lambda *a: attention.multi_head_attention(*a, heads=4))(*half))
+  jaxpr = str(jax.make_jaxpr(kernel)(*half))
+  assert "DiffusionJaxAttentionForward" not in jaxpr and "custom_vjp_call" in jaxpr
+  masked = str(jax.make_jaxpr(lambda *a: kernel(*a, mask=jnp.ones((1, 1, 16, 7), bool)))(*flat))
+  assert "DiffusionJaxAttentionForward" not in masked and "custom_vjp_call" not in masked
 
 
 def _run(code, **env):
@@ -99,35 +107,45 @@ def _run(code, **env):
 
 
 def test_without_a_compiler_attention_falls_back_to_tiles_with_a_warning(tmp_path):
-  code = """
+  code = f"""
     import warnings, jax, jax.numpy as jnp
-    from diffusion_jax.nn import attention
+    from diffusion_jax.nn import attention, cpu_attention
     x = jnp.ones((1, 8, 32))
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always")
-      jaxpr = str(jax.make_jaxpr(lambda x: attention.multi_head_attention(x, x, x, heads=2))(x))
+      print(cpu_attention.available(cpu_attention.BuildSettings({str(tmp_path)!r}, compiler={str(tmp_path / "no-cc")!r})))
+      jaxpr = str(jax.make_jaxpr(lambda x: attention.multi_head_attention(x, x, x, heads=2,
+                                                                           implementation="cpu_kernel"))(x))
     print("KERNEL" if "DiffusionJaxAttentionForward" in jaxpr else "TILES")
-    print("WARNED" if any("not available" in str(w.message) for w in caught) else "SILENT")
+    print(sum("not available" in str(w.message) for w in caught))
   """
-  result = _run(code, CXX=str(tmp_path / "no-such-compiler"), DIFFUSION_JAX_CACHE=str(tmp_path))
+  result = _run(code, PATH="/nonexistent")  # no c++ or g++ for the models' own (default) build either
   assert result.returncode == 0, result.stderr
-  assert result.stdout.split() == ["TILES", "WARNED"]
-  result = _run(code, DIFFUSION_JAX_CPU_KERNEL="0", DIFFUSION_JAX_CACHE=str(tmp_path))
-  assert result.stdout.split() == ["TILES", "SILENT"], result.stderr
+  assert result.stdout.split() == ["False", "TILES", "2"]  # one warning per reason
 
 
 def test_the_library_is_built_once_and_reused(tmp_path):
-  code = """
+  code = f"""
     import os
     from diffusion_jax.nn import cpu_attention
-    assert cpu_attention.available()
-    directory = cpu_attention.cache_dir()
-    print([(name, os.stat(os.path.join(directory, name)).st_mtime_ns) for name in sorted(os.listdir(directory))])
+    assert cpu_attention.available(cpu_attention.BuildSettings(cache_dir={str(tmp_path)!r}))
+    print([(name, os.stat(os.path.join({str(tmp_path)!r}, name)).st_mtime_ns) for name in sorted(os.listdir({str(tmp_path)!r}))])
   """
-  first = _run(code, DIFFUSION_JAX_CACHE=str(tmp_path))
-  second = _run(code, DIFFUSION_JAX_CACHE=str(tmp_path))
+  first = _run(code)
+  second = _run(code)
   assert first.returncode == 0 and second.returncode == 0, first.stderr + second.stderr
   assert first.stdout == second.stdout and ".so'" in first.stdout  # one library, found again, not rebuilt
+
+
+def test_a_build_kept_nowhere_leaves_no_file(tmp_path):
+  code = """
+    from diffusion_jax.nn import cpu_attention
+    assert cpu_attention.available(cpu_attention.BuildSettings(cache_dir=None))
+    assert cpu_attention.available()  # the models' own call finds it loaded, builds nothing more
+  """
+  result = _run(code, HOME=str(tmp_path))
+  assert result.returncode == 0, result.stderr
+  assert not any(tmp_path.rglob("*.so"))
 
 
 def _cpu_flags() -> set:
@@ -145,10 +163,10 @@ def test_narrower_instruction_sets_agree(tmp_path, arch, needs):
   import platform
   if platform.machine() not in ("x86_64", "AMD64") or not needs <= _cpu_flags():
     pytest.skip(f"{arch} builds do not run on this CPU")
-  code = """
+  code = f"""
     import jax, jax.numpy as jnp, numpy as np
     from diffusion_jax.nn import cpu_attention
-    assert cpu_attention.available()
+    assert cpu_attention.available(cpu_attention.BuildSettings({str(tmp_path)!r}, arch={arch!r}))
     ks = jax.random.split(jax.random.key(0), 4)
     q, k, v, w = (jax.random.normal(key, shape) for key, shape in zip(ks, [(2, 37, 3, 24), (2, 19, 3, 24), (2, 19, 3, 24), (2, 37, 3, 24)]))
     loss = lambda fn: lambda q, k, v: jnp.sum(fn(q, k, v) * w)
@@ -156,6 +174,6 @@ def test_narrower_instruction_sets_agree(tmp_path, arch, needs):
     got = [cpu_attention.attention(q, k, v), *jax.grad(loss(cpu_attention.attention), (0, 1, 2))(q, k, v)]
     print(max(float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b)) for a, b in zip(got, want)))
   """
-  result = _run(code, DIFFUSION_JAX_CACHE=str(tmp_path), DIFFUSION_JAX_CPU_KERNEL_ARCH=arch)
+  result = _run(code)
   assert result.returncode == 0, result.stderr
   assert float(result.stdout) <= 1e-5

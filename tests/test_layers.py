@@ -36,11 +36,10 @@ def test_dense_equals_flax_dense(shape, use_bias):
 
 @pytest.mark.parametrize("form", ["convolution", "matmuls"])
 @pytest.mark.parametrize("shape", [(2, 5, 7, 6), (1, 1, 1, 3), (3, 4, 4, 8)])
-def test_upsample_equals_nearest_then_conv(shape, form, monkeypatch):
-  # The CPU picks the form by input size; both must give the same layer.
-  monkeypatch.setattr(layers, "CPU_UPSAMPLE_CONV_MIN_SIDE", 1 if form == "convolution" else 1 << 20)
+def test_upsample_equals_nearest_then_conv(shape, form):
+  # The config picks the form (by input size); both must give the same layer.
   x = jax.random.normal(jax.random.key(0), shape)
-  module = Upsample(5)
+  module = Upsample(5, conv_min_side=1 if form == "convolution" else 0)
   params = meta.unbox(module.init(jax.random.key(1), x))
   params = jax.tree.map(lambda a: a + 0.1 * jax.random.normal(jax.random.key(2), a.shape), params)  # non-zero bias
   assert jax.tree.map(jnp.shape, params) == {"params": {"conv": {"kernel": (3, 3, shape[-1], 5), "bias": (5,)}}}
@@ -49,6 +48,8 @@ def test_upsample_equals_nearest_then_conv(shape, form, monkeypatch):
     up = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
     return Conv(5, 3).apply({"params": p["params"]["conv"]}, up)
 
+  convolutions = str(jax.make_jaxpr(module.apply)(params, x)).count("conv_general_dilated")
+  assert convolutions == (1 if form == "convolution" else 0)
   ours, ref = module.apply(params, x), reference(params, x)
   assert ours.shape == (shape[0], 2 * shape[1], 2 * shape[2], 5)
   np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
@@ -58,6 +59,18 @@ def test_upsample_equals_nearest_then_conv(shape, form, monkeypatch):
 
   for a, b in zip(jax.tree.leaves(loss(module.apply)), jax.tree.leaves(loss(reference))):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_upsample_takes_the_convolution_from_its_minimum_side_and_refuses_auto():
+  x = jnp.ones((1, 4, 6, 3))
+  forms = {}
+  for min_side in (0, 4, 5):
+    module = Upsample(5, conv_min_side=min_side)
+    params = module.init(jax.random.key(1), x)
+    forms[min_side] = "conv_general_dilated" in str(jax.make_jaxpr(module.apply)(params, x))
+  assert forms == {0: False, 4: True, 5: False}  # min(h, w) = 4
+  with pytest.raises(ValueError, match="hardware.configure"):
+    Upsample(5, conv_min_side="auto").init(jax.random.key(1), x)
 
 
 def _torch_group_norm(x, scale, bias, groups, eps, weights):

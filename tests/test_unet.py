@@ -2,6 +2,8 @@
 import functools
 import math
 
+import dataclasses
+
 import diffusers
 import jax
 import jax.numpy as jnp
@@ -10,6 +12,7 @@ import pytest
 import torch
 from flax.linen import meta
 
+from diffusion_jax import hardware
 from diffusion_jax.convert.keys import flax_to_torch, torch_to_flax
 from diffusion_jax.nn.unet import SD15, SD21, TINY, UNet, UNetConfig
 
@@ -81,15 +84,25 @@ def torch_forward(ref, sample, timesteps, context):
   return out.numpy().transpose(0, 2, 3, 1)
 
 
+# The implementation choices of the model run on: those `hardware` makes for this machine's devices,
+# and the CPU's alternatives (XLA tiles, a chunked feed-forward, every upsampler as one convolution).
+# (bf16 runs the default "xla" choices.)
+CHOICES = {"configured": None,
+           "alternatives": dict(attention="cpu_tiles", ff_chunk_elements=1 << 16, upsample_conv_min_side=1)}
+
+
 # Integer timesteps for one config and fractional ones for the other keep the number of compilations down;
 # test_scalar_and_integer_timesteps checks that both kinds (and scalars) take the same path.
-@pytest.mark.parametrize("name,timestep_kind", [("sd1_style", "int"), ("sd2_style", "float")])
-def test_parity_fp32(name, timestep_kind):
+@pytest.mark.parametrize("name,timestep_kind,choices", [("sd1_style", "int", "configured"),
+                                                        ("sd2_style", "float", "alternatives")])
+def test_parity_fp32(name, timestep_kind, choices):
   cfg = CONFIGS[name]
   ref, _, params = reference(name)
   sample, timesteps, context = inputs(cfg, timestep_kind)
   want = torch_forward(ref, sample, timesteps, context)
-  got = jax.jit(UNet(cfg).apply)({"params": params}, sample, timesteps, context)
+  chosen = (hardware.configure(cfg, force=True) if CHOICES[choices] is None
+            else dataclasses.replace(cfg, **CHOICES[choices]))
+  got = jax.jit(UNet(chosen).apply)({"params": params}, sample, timesteps, context)
   assert got.shape == want.shape and got.dtype == jnp.float32
   assert rel_l2(got, want) <= 1e-5, rel_l2(got, want)
 
@@ -143,6 +156,30 @@ def test_config_round_trip_through_diffusers(cfg):
   assert UNetConfig.from_diffusers(dict(ref.config)) == cfg
   assert UNetConfig.from_diffusers(cfg.to_diffusers(), remat="transformer") == \
       UNetConfig(**{**cfg.__dict__, "remat": "transformer"})
+
+
+def test_implementation_choices_are_our_own_fields():
+  chosen = dict(attention="cpu_tiles", ff_chunk_elements=1 << 19, upsample_conv_min_side=16)
+  cfg = UNetConfig.from_diffusers(SD15.to_diffusers(), **chosen)
+  assert cfg == dataclasses.replace(SD15, **chosen)
+  assert cfg.to_diffusers() == SD15.to_diffusers()  # not diffusers' options
+  assert UNetConfig.from_diffusers(SD15.to_diffusers(), attention="auto").attention == "auto"  # a run config's
+  for key, value in chosen.items():
+    with pytest.raises(ValueError, match="unknown"):
+      UNetConfig.from_diffusers({**SD15.to_diffusers(), key: value})
+  for bad in (dict(attention="flash"), dict(ff_chunk_elements=-1), dict(upsample_conv_min_side="fast")):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+      dataclasses.replace(MICRO, **bad)
+
+
+@pytest.mark.parametrize("field", ["attention", "ff_chunk_elements", "upsample_conv_min_side"])
+def test_the_model_refuses_auto(field):
+  cfg = dataclasses.replace(MICRO, **{field: "auto"})
+  with pytest.raises(ValueError, match=f"{field}='auto'.*hardware.configure"):
+    init_shapes(UNet(cfg), cfg)
+  configured = hardware.configure(cfg)
+  assert getattr(configured, field) == hardware.choices()[field]
+  init_shapes(UNet(configured), configured)
 
 
 def test_sd15_hub_config_gives_preset():

@@ -2,51 +2,52 @@
 from __future__ import annotations
 
 import functools
-import warnings
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from diffusion_jax.nn import cpu_attention
-from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, SplitDense, gelu
+from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, SplitDense, gelu, refuse_auto
+from diffusion_jax.util import warn_once
 
 
 # Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches: measured best among
 # 2^16..2^22 on SD-sized shapes, about 3x faster than one [B, N, T, S] softmax in memory.
 CPU_TILE_ELEMENTS = 1 << 20
 
-
-# On the CPU, the feed-forward runs over chunks of rows whose [rows, 2 x inner] GEGLU activations (this
-# many float32 elements, 2 MiB) stay in the caches instead of going out to memory, and its backward pass
-# recomputes them chunk by chunk: the small UNet's train step 0.85-0.88 of its time in one piece, its
-# forward 1.02-1.04 (benchmarks/RESULTS.md).
-CPU_FF_CHUNK_ELEMENTS = 1 << 19
-# Fewer rows per chunk than this and the loop costs more than the caches save: SD 1.5's forward ran
-# 1.07x slower in 128-row chunks, so its sizes run in one piece.
+# Fewer rows per feed-forward chunk than this and the loop costs more than the caches save: SD 1.5's
+# forward ran 1.07x slower in 128-row chunks, so its sizes run in one piece.
 _MIN_FF_CHUNK_ROWS = 256
 
-# On the CPU, float32 attention with no mask runs through the fused kernel of `cpu_attention` ("kernel")
-# where it builds, else as XLA tiles ("tiles", `tiled_attention`).
-CPU_IMPLEMENTATION = "kernel"
-
-# On NVIDIA GPUs, the UNet's 16-bit attention (no mask, not causal) runs as cuDNN's fused (flash)
-# attention, which never holds the [B, N, T, S] scores in memory; set to None to use XLA's own attention
-# there instead. Measured on an H100 (benchmarks/RESULTS.md); the text encoder's short causal attention
-# gains nothing from it and keeps XLA's.
-GPU_IMPLEMENTATION: str | None = "cudnn"
+# How unmasked, non-causal attention runs (the models' `attention` field; masked or causal attention
+# is always XLA's):
+#   "xla": jax.nn.dot_product_attention;
+#   "cudnn": cuDNN's fused (flash) attention for 16-bit inputs, which never holds the [B, N, T, S]
+#     scores in memory; XLA's where the dtype, head size or GPU has none;
+#   "cpu_kernel": the fused CPU kernel of `cpu_attention` for float32; the tiles for other dtypes, or
+#     (with one warning) where the kernel does not build; its custom call has no sharding rule, so
+#     programs on several devices use "cpu_tiles";
+#   "cpu_tiles": `tiled_attention`, cache-sized score tiles.
+# A run config's "auto" is resolved by `diffusion_jax.hardware.configure` before a model is built.
+IMPLEMENTATIONS = ("xla", "cudnn", "cpu_kernel", "cpu_tiles")
 _FUSED_DTYPES = (jnp.bfloat16, jnp.float16)
 _FUSED_MAX_HEAD_DIM = 256  # cuDNN's limit on Hopper (128 before); the VAE's single 512-wide head is above it
 
 
-def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False):
-  """Scaled dot-product attention on [B, T, heads*Dh] projections.
+def check_implementation(owner: str, implementation: str) -> None:
+  """Raises for a run config's "auto" (not resolved yet) or a name that is not in IMPLEMENTATIONS."""
+  refuse_auto(owner, attention=implementation)
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"{owner}: attention={implementation!r}: use one of {IMPLEMENTATIONS} "
+                     "(or 'auto' in a config, for diffusion_jax.hardware.configure to choose)")
 
-  On the CPU, unmasked non-causal attention runs through the fused kernel of `cpu_attention` (float32,
-  one device) or tile by tile (`tiled_attention`); on a GPU, 16-bit unmasked non-causal attention
-  through cuDNN's fused kernel (`fused_attention`) where this JAX, GPU and head size have it;
-  otherwise, and with a mask, through XLA's `jax.nn.dot_product_attention`.
-  """
+
+def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = False, implementation: str = "xla"):
+  """Scaled dot-product attention on [B, T, heads*Dh] projections, unmasked non-causal attention as
+  `implementation` says (see IMPLEMENTATIONS); masked or causal attention through XLA's
+  `jax.nn.dot_product_attention`."""
+  check_implementation("multi_head_attention", implementation)
   b, tq, inner = q.shape
   tk = k.shape[1]
   dh = inner // heads
@@ -54,22 +55,17 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal: bool = Fa
   q = q.reshape(b, tq, heads, dh)
   k = k.reshape(b, tk, heads, dh)
   v = v.reshape(b, tk, heads, dh)
-  backend = jax.default_backend()
   out = None
-  if mask is None and backend == "cpu" and not is_causal:
-    out = cpu_attention.attention(q, k, v) if _use_cpu_kernel(q, k, v) else tiled_attention(q, k, v)
-  elif (mask is None and backend == "gpu" and not is_causal and GPU_IMPLEMENTATION and q.dtype in _FUSED_DTYPES
-        and dh <= _FUSED_MAX_HEAD_DIM and dh % 8 == 0):
-    out = fused_attention(q, k, v, GPU_IMPLEMENTATION)
+  if mask is None and not is_causal:
+    if implementation == "cpu_kernel" and all(x.dtype == jnp.float32 for x in (q, k, v)) and cpu_attention.available():
+      out = cpu_attention.attention(q, k, v)
+    elif implementation in ("cpu_kernel", "cpu_tiles"):
+      out = tiled_attention(q, k, v)
+    elif implementation == "cudnn" and q.dtype in _FUSED_DTYPES and dh <= _FUSED_MAX_HEAD_DIM and dh % 8 == 0:
+      out = fused_attention(q, k, v, "cudnn")
   if out is None:
     out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal)
   return out.reshape(b, tq, inner)  # [B, T, C]
-
-
-def _use_cpu_kernel(q, k, v) -> bool:
-  # The kernel's custom call has no sharding rule, so sharded programs (several devices) keep the tiles.
-  return (CPU_IMPLEMENTATION == "kernel" and all(x.dtype == jnp.float32 for x in (q, k, v))
-          and jax.local_device_count() == 1 and cpu_attention.available())
 
 
 def fused_attention(q, k, v, implementation: str = "cudnn"):
@@ -83,13 +79,8 @@ def fused_attention(q, k, v, implementation: str = "cudnn"):
   except (NotImplementedError, ValueError):  # a GPU or shape the kernel lacks (e.g. head dim > 128 before Hopper)
     return None
   except RuntimeError as error:  # no cuDNN, or one too old: worth saying once
-    _warn_once(f"fused attention ({implementation}) is not available: {error}; using XLA's attention")
+    warn_once(f"fused attention ({implementation}) is not available: {error}; using XLA's attention")
     return None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-  warnings.warn(message, stacklevel=3)
 
 
 def tiled_attention(q, k, v, tile_elements: int = CPU_TILE_ELEMENTS):
@@ -203,6 +194,7 @@ class Attention(nn.Module):
   dim_head: int
   qkv_bias: bool = False
   dropout: float = 0.0
+  attention: str = "xla"  # how the scores run: one of IMPLEMENTATIONS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -214,7 +206,7 @@ class Attention(nn.Module):
     q = Dense(inner, use_bias=self.qkv_bias, name="to_q", **kw)(x)
     k = Dense(inner, use_bias=self.qkv_bias, name="to_k", **kw)(context)
     v = Dense(inner, use_bias=self.qkv_bias, name="to_v", **kw)(context)
-    out = multi_head_attention(q, k, v, self.heads)
+    out = multi_head_attention(q, k, v, self.heads, implementation=self.attention)
     out = Dense(x.shape[-1], name="to_out_0", **kw)(out)
     return nn.Dropout(self.dropout, deterministic=deterministic)(out)
 
@@ -254,11 +246,13 @@ class _FeedForwardChunk(FeedForward):
     return carry, super().__call__(x, self.deterministic)
 
 
-def _ff_chunk_rows(rows: int, inner: int) -> int:
-  """Rows per feed-forward chunk on this backend (`rows`: no chunking)."""
-  if jax.default_backend() != "cpu":
+def _ff_chunk_rows(rows: int, inner: int, chunk_elements: int) -> int:
+  """Rows per feed-forward chunk whose [rows, 2 x inner] activations hold about `chunk_elements`
+  (`rows`: in one piece, as with `chunk_elements` 0 or chunks too small to pay for the loop)."""
+  refuse_auto("the feed-forward", ff_chunk_elements=chunk_elements)
+  if chunk_elements <= 0:
     return rows
-  chunk = _largest_divisor(rows, CPU_FF_CHUNK_ELEMENTS // (2 * inner))
+  chunk = _largest_divisor(rows, chunk_elements // (2 * inner))
   return chunk if _MIN_FF_CHUNK_ROWS <= chunk < rows else rows
 
 
@@ -267,13 +261,17 @@ class TransformerBlock(nn.Module):
   heads: int
   dim_head: int
   dropout: float = 0.0
+  attention: str = "xla"  # how the scores run: one of IMPLEMENTATIONS
+  # The feed-forward over chunks of rows whose GEGLU activations hold about this many elements, each
+  # chunk's recomputed in the backward pass (0: in one piece).
+  ff_chunk_elements: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, context, deterministic: bool = True):  # [B, T, C], [B, L, D] -> [B, T, C]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    attn = dict(heads=self.heads, dim_head=self.dim_head, dropout=self.dropout, **kw)
+    attn = dict(heads=self.heads, dim_head=self.dim_head, dropout=self.dropout, attention=self.attention, **kw)
     x = x + Attention(name="attn1", **attn)(LayerNorm(name="norm1", **kw)(x), None, deterministic)
     x = x + Attention(name="attn2", **attn)(LayerNorm(name="norm2", **kw)(x), context, deterministic)
     return x + self._feed_forward(LayerNorm(name="norm3", **kw)(x), deterministic)
@@ -281,7 +279,7 @@ class TransformerBlock(nn.Module):
   def _feed_forward(self, x, deterministic):  # [B, T, C] -> [B, T, C]
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     b, t, c = x.shape
-    chunk = _ff_chunk_rows(b * t, c * FeedForward.mult)
+    chunk = _ff_chunk_rows(b * t, c * FeedForward.mult, self.ff_chunk_elements)
     if chunk == b * t:
       return FeedForward(dropout=self.dropout, name="ff", **kw)(x, deterministic)
     # A loop over chunks of rows, the parameters shared (same names and shapes as FeedForward's), each
@@ -302,6 +300,8 @@ class SpatialTransformer(nn.Module):
   groups: int = 32
   dropout: float = 0.0
   remat: bool = False
+  attention: str = "xla"  # TransformerBlock's
+  ff_chunk_elements: int = 0  # TransformerBlock's
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -319,7 +319,8 @@ class SpatialTransformer(nn.Module):
     # `deterministic` (argument 3, counting self) is a Python bool: static under remat.
     block_cls = nn.remat(TransformerBlock, static_argnums=(3,)) if self.remat else TransformerBlock
     for i in range(self.depth):
-      block = block_cls(self.heads, self.dim_head, self.dropout, name=f"transformer_blocks_{i}", **kw)
+      block = block_cls(self.heads, self.dim_head, self.dropout, self.attention, self.ff_chunk_elements,
+                        name=f"transformer_blocks_{i}", **kw)
       x = block(x, context, deterministic)
     if self.use_linear_projection:
       x = Dense(c, name="proj_out", **kw)(x).reshape(b, h, w, c)

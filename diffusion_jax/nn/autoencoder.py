@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.attention import multi_head_attention
-from diffusion_jax.nn.layers import Conv, Dense, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
+from diffusion_jax.nn.attention import IMPLEMENTATIONS, multi_head_attention
+from diffusion_jax.nn.layers import AUTO, Conv, Dense, Downsample, Dtype, GroupNorm, ResnetBlock, Upsample
 
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
@@ -28,6 +28,8 @@ NORM_EPS = 1e-6
 _DOWN_BLOCK = "DownEncoderBlock2D"
 _UP_BLOCK = "UpDecoderBlock2D"
 _ACTIVATIONS = ("silu", "swish")
+# Our own fields, not diffusers': how the model runs, not what it computes.
+_OWN_FIELDS = ("remat", "attention", "upsample_conv_min_side")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +51,11 @@ class AutoencoderConfig:
   use_post_quant_conv: bool = True  # 1x1 conv on the latents before the decoder
   mid_block_add_attention: bool = True  # self-attention between the two mid-block resnets
   remat: bool = False  # rematerialise resnet activations in the backward pass (training memory)
+  # How the mid-block attention and the upsamplers run on the devices at hand, chosen by the caller
+  # (`diffusion_jax.hardware.configure` resolves "auto"): see `attention.IMPLEMENTATIONS` and
+  # `layers.UpsampleConv.conv_min_side`.
+  attention: str = "xla"
+  upsample_conv_min_side: int | str = 0
 
   def __post_init__(self):
     object.__setattr__(self, "block_out_channels", tuple(self.block_out_channels))
@@ -60,6 +67,12 @@ class AutoencoderConfig:
         object.__setattr__(self, name, tuple(float(v) for v in value))
     if not self.block_out_channels:
       raise ValueError("AutoencoderConfig: block_out_channels must name at least one level")
+    if self.attention not in IMPLEMENTATIONS + (AUTO,):
+      raise ValueError(f"AutoencoderConfig.attention {self.attention!r}: use one of {IMPLEMENTATIONS + (AUTO,)}")
+    if self.upsample_conv_min_side != AUTO and not (isinstance(self.upsample_conv_min_side, int)
+                                                    and self.upsample_conv_min_side >= 0):
+      raise ValueError("AutoencoderConfig.upsample_conv_min_side must be an int >= 0 or 'auto', "
+                       f"got {self.upsample_conv_min_side!r}")
     bad = [c for c in self.block_out_channels if c % self.norm_num_groups]
     if bad:
       raise ValueError(f"AutoencoderConfig: block_out_channels {bad} are not divisible by "
@@ -71,8 +84,9 @@ class AutoencoderConfig:
     return 2 ** (len(self.block_out_channels) - 1)
 
   @classmethod
-  def from_diffusers(cls, config: Mapping[str, Any]) -> "AutoencoderConfig":
-    """Reads diffusers' `AutoencoderKL` config.json (a dict); raises ValueError for options this module lacks."""
+  def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "AutoencoderConfig":
+    """Reads diffusers' `AutoencoderKL` config.json (a dict); raises ValueError for options this module lacks.
+    `overrides` set our own fields (remat, attention, upsample_conv_min_side)."""
     config = {k: v for k, v in config.items() if not k.startswith("_")}  # _class_name, _diffusers_version ...
     levels = len(config.get("block_out_channels", cls.block_out_channels))
     down = tuple(config.pop("down_block_types", (_DOWN_BLOCK,)))
@@ -84,17 +98,17 @@ class AutoencoderConfig:
       raise ValueError(f"AutoencoderKL: up_block_types must be {levels} x {_UP_BLOCK!r}, got {up}")
     if act not in _ACTIVATIONS:
       raise ValueError(f"AutoencoderKL: act_fn {act!r} is not supported (only 'silu')")
-    known = {f.name for f in dataclasses.fields(cls)} - {"remat"}
+    known = {f.name for f in dataclasses.fields(cls)} - set(_OWN_FIELDS)
     unknown = sorted(set(config) - known)
     if unknown:
       raise ValueError(f"AutoencoderKL: unsupported config options {unknown}")
-    return cls(**config)
+    return cls(**config, **overrides)
 
   def to_diffusers(self) -> dict[str, Any]:
     """diffusers' `AutoencoderKL` config.json (a dict) for this architecture."""
     out = {"_class_name": "AutoencoderKL"}
     for f in dataclasses.fields(self):
-      if f.name == "remat":
+      if f.name in _OWN_FIELDS:
         continue
       value = getattr(self, f.name)
       out[f.name] = list(value) if isinstance(value, tuple) else value
@@ -114,6 +128,7 @@ TINY = AutoencoderConfig(block_out_channels=(32, 64, 64), layers_per_block=1, no
 class MidBlockAttention(nn.Module):
   """Single-head self-attention over all H*W positions, with its own GroupNorm and a residual."""
   groups: int
+  attention: str = "xla"  # one of attention.IMPLEMENTATIONS
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
@@ -128,7 +143,7 @@ class MidBlockAttention(nn.Module):
     v = Dense(c, name="to_v", **kw)(y)
     # One head of width C (512 in SD) is too wide for fused kernels, so XLA holds the [B, 1, HW, HW]
     # float32 scores: 64 MiB per image for SD at 512x512 (4096 positions), small beside the convs.
-    out = Dense(c, name="to_out_0", **kw)(multi_head_attention(q, k, v, heads=1))
+    out = Dense(c, name="to_out_0", **kw)(multi_head_attention(q, k, v, heads=1, implementation=self.attention))
     return x + out.reshape(b, h, w, c)
 
 
@@ -153,7 +168,7 @@ class MidBlock(nn.Module):
     resnet = _resnet_cls(cfg.remat)
     x = resnet(c, cfg.norm_num_groups, NORM_EPS, name="resnets_0", **kw)(x)
     if cfg.mid_block_add_attention:
-      x = MidBlockAttention(cfg.norm_num_groups, name="attentions_0", **kw)(x)
+      x = MidBlockAttention(cfg.norm_num_groups, cfg.attention, name="attentions_0", **kw)(x)
     return resnet(c, cfg.norm_num_groups, NORM_EPS, name="resnets_1", **kw)(x)
 
 
@@ -193,7 +208,7 @@ class UpDecoderBlock(nn.Module):
     for j in range(self.layers):
       x = resnet(self.channels, self.config.norm_num_groups, NORM_EPS, name=f"resnets_{j}", **kw)(x)
     if self.add_upsample:
-      x = Upsample(self.channels, name="upsamplers_0", **kw)(x)
+      x = Upsample(self.channels, self.config.upsample_conv_min_side, name="upsamplers_0", **kw)(x)
     return x
 
 

@@ -6,15 +6,21 @@ as its own library call or loop, with the tile going out to memory between them.
 output (over chunks of 256 keys, with an online softmax) and, backward, to dq, dk and dv, as torch's
 CPU flash attention does.
 
-It is compiled once per machine with the system's C++ compiler (`$CXX`, else `c++`) against
-jaxlib's FFI headers, for this CPU's instruction set (`ARCH`), and kept under `$DIFFUSION_JAX_CACHE`
-(default `~/.cache/diffusion_jax`)/kernels; a build takes about 5 s. Where it cannot be built (no
-compiler, a jaxlib without these headers), `available()` says why once and attention runs as XLA
-tiles instead; set `ENABLED = False` (or DIFFUSION_JAX_CPU_KERNEL=0) to choose the tiles.
+It is compiled once per machine with the system's C++ compiler against jaxlib's FFI headers, as
+`BuildSettings` say (by default for this CPU's instruction set, kept in `~/.cache/diffusion_jax/kernels`);
+a build takes about 5 s. Models run it where their config says `attention="cpu_kernel"`
+(`diffusion_jax.hardware` chooses that on one CPU device); where it cannot be built (no compiler, a
+jaxlib without these headers), `available()` says why once and attention runs as XLA tiles instead.
+
+A process loads the kernel once: the first `available(settings)` call that builds it decides where it
+is kept, and later calls (the models' own, with the default settings) find it loaded.
+
+    cpu_attention.available(cpu_attention.BuildSettings(cache_dir=None))  # build afresh, keep nothing
 """
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 import hashlib
 import os
@@ -23,38 +29,32 @@ import shlex
 import shutil
 import subprocess
 import tempfile
-import warnings
 
 import jax
 import jaxlib
 import numpy as np
 
-ENABLED = os.environ.get("DIFFUSION_JAX_CPU_KERNEL", "1") != "0"
+from diffusion_jax.util import warn_once
+
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "attention_cpu.cc")
-# The target instruction set: this machine's (AVX-512, AVX2 and SSE or NEON builds each use their own
-# vector width), or e.g. "-march=x86-64-v3" for a library that also runs on older CPUs.
-ARCH = os.environ.get("DIFFUSION_JAX_CPU_KERNEL_ARCH", "-march=native")
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "kernels")
 
 
-_DEFAULT_DIR = object()
-_kept_in = _DEFAULT_DIR  # set by `keep_builds_in`
-_LIBRARIES: list = []  # loaded libraries, kept for the process's lifetime
+@dataclasses.dataclass(frozen=True)
+class BuildSettings:
+  """How the kernel is built, where the process has not loaded it yet."""
+  # Where built libraries are kept and found again; None: nowhere (built in a temporary directory).
+  cache_dir: str | None = DEFAULT_CACHE_DIR
+  # The target instruction set: this machine's (AVX-512, AVX2 and SSE or NEON builds each use their own
+  # vector width), or e.g. "-march=x86-64-v3" for a library that also runs on older CPUs.
+  arch: str = "-march=native"
+  # The C++ compiler; None: `c++` (else `g++`) on the PATH.
+  compiler: str | None = None
 
 
-def cache_dir() -> str | None:
-  """Where built libraries are kept; None: nowhere (each process builds in a temporary directory)."""
-  if _kept_in is not _DEFAULT_DIR:
-    return _kept_in
-  root = os.environ.get("DIFFUSION_JAX_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax"))
-  return os.path.join(root, "kernels")
-
-
-def keep_builds_in(directory: str | None) -> None:
-  """Keeps built libraries in `directory` from now on; None keeps none (for runs that write no caches)."""
-  global _kept_in
-  _kept_in = directory
+_LIBRARIES: list = []  # the loaded library, kept for the process's lifetime (its FFI targets are registered)
 
 
 def _cpu_signature() -> str:
@@ -66,13 +66,13 @@ def _cpu_signature() -> str:
     return platform.processor()
 
 
-def _build(compiler: str, directory: str) -> str:
-  """Compiles the kernel into `directory` (once per source, compiler, jaxlib and CPU); the library's path."""
+def _build(compiler: str, directory: str, arch: str) -> str:
+  """Compiles the kernel into `directory` (once per source, compiler, flags, jaxlib and CPU); the library's path."""
   with open(_SOURCE, "rb") as f:
     source = f.read()
   version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
   key = hashlib.sha256(b"\0".join(x if isinstance(x, bytes) else x.encode() for x in (
-      source, version, " ".join((ARCH, *_FLAGS)), jaxlib.__version__, platform.machine(), _cpu_signature()))).hexdigest()[:16]
+      source, version, " ".join((arch, *_FLAGS)), jaxlib.__version__, platform.machine(), _cpu_signature()))).hexdigest()[:16]
   path = os.path.join(directory, f"attention_cpu-{key}.so")
   if os.path.exists(path):
     return path
@@ -81,7 +81,7 @@ def _build(compiler: str, directory: str) -> str:
   fd, tmp = tempfile.mkstemp(suffix=".so", dir=directory)
   os.close(fd)
   try:
-    subprocess.run([compiler, *shlex.split(ARCH), *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp],
+    subprocess.run([compiler, *shlex.split(arch), *_FLAGS, "-I", jax.ffi.include_dir(), _SOURCE, "-o", tmp],
                    capture_output=True, text=True, check=True)
     os.replace(tmp, path)
   except subprocess.CalledProcessError as error:
@@ -93,17 +93,19 @@ def _build(compiler: str, directory: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _load() -> str | None:
+def _load(settings: BuildSettings) -> str | None:
   """Builds, loads and registers the kernel once per process; None if that worked, else the reason."""
-  compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
+  if _LIBRARIES:  # its FFI targets are registered already, whichever settings built it
+    return None
+  compiler = settings.compiler or shutil.which("c++") or shutil.which("g++")
   if compiler is None:
-    return "no C++ compiler ($CXX or c++) found"
+    return "no C++ compiler (c++ or g++) found"
   try:
-    if cache_dir() is None:
+    if settings.cache_dir is None:
       with tempfile.TemporaryDirectory() as directory:  # a loaded library outlives its file
-        library = ctypes.cdll.LoadLibrary(_build(compiler, directory))
+        library = ctypes.cdll.LoadLibrary(_build(compiler, directory, settings.arch))
     else:
-      library = ctypes.cdll.LoadLibrary(_build(compiler, cache_dir()))
+      library = ctypes.cdll.LoadLibrary(_build(compiler, settings.cache_dir, settings.arch))
     for name in _TARGETS.values():
       jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(library, name)), platform="cpu")
   except Exception as error:  # a compiler, jaxlib or platform the kernel does not build with
@@ -112,19 +114,13 @@ def _load() -> str | None:
   return None
 
 
-def available() -> bool:
-  """Whether the kernel is enabled and built (warns once with the reason where it cannot be)."""
-  if not ENABLED:
-    return False
-  reason = _load()
+def available(settings: BuildSettings | None = None) -> bool:
+  """Whether the kernel is loaded in this process, building it with `settings` (default `BuildSettings()`)
+  if it is not; warns once with the reason where it cannot be built."""
+  reason = _load(settings or BuildSettings())
   if reason is not None:
-    _warn_once(f"the CPU attention kernel is not available ({reason}); attention runs as XLA tiles")
+    warn_once(f"the CPU attention kernel is not available ({reason}); attention runs as XLA tiles")
   return reason is None
-
-
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-  warnings.warn(message, stacklevel=3)
 
 
 def attention(q, k, v):

@@ -17,11 +17,22 @@ import jax.numpy as jnp
 
 Dtype = Any
 
+# A hardware choice's value in a run config, for `diffusion_jax.hardware.configure` to resolve.
+AUTO = "auto"
+
 # Logical axis names of parameters.
 DENSE_AXES = ("embed", "mlp")  # kernel [in, out]
 CONV_AXES = ("conv_h", "conv_w", "embed", "mlp")  # kernel [kh, kw, in, out]
 BIAS_AXES = ("mlp",)
 NORM_AXES = ("norm",)
+
+
+def refuse_auto(owner: str, **choices) -> None:
+  """Raises where a hardware choice (a config field that names how a layer runs) is still "auto"."""
+  auto = [name for name, value in choices.items() if isinstance(value, str) and value == AUTO]
+  if auto:
+    raise ValueError(f"{owner}: {', '.join(auto)}='auto' must be chosen for the devices the program runs on "
+                     "before the model runs: config = diffusion_jax.hardware.configure(config, devices, dtype)")
 
 
 def _partitioned(init, axes):
@@ -273,14 +284,6 @@ class Downsample(nn.Module):
                 dtype=self.dtype, param_dtype=self.param_dtype)(x)
 
 
-# On the CPU, `UpsampleConv` runs as one 2x2 convolution on inputs at least this many pixels high and
-# wide, and as four matmuls on smaller ones. The convolution also computes a one-pixel border of unused
-# outputs (27% more work at 8x8, 13% at 16x16); from 16x16 on, XLA's CPU convolutions win anyway (SD's
-# VAE upsampling at 128x128x512: 1327 -> 743 ms); at 8x8 they lose the forward pass from 128 channels on.
-# Measured with benchmarks/upsample.py (benchmarks/RESULTS.md).
-CPU_UPSAMPLE_CONV_MIN_SIDE = 16
-
-
 def _phase_kernels(kernel):  # [3, 3, C, O] -> [2, 2, C, 4, O]: the 2x2 kernel of each output phase 2a+b
   def phase_taps(k, axis):  # 3 taps along `axis` -> [phase 0 (reads i-1, i), phase 1 (reads i, i+1)], 2 taps each
     k0, k1, k2 = (jnp.take(k, i, axis=axis) for i in range(3))
@@ -298,17 +301,21 @@ class UpsampleConv(nn.Module):
   (a [3, 3, in, out] kernel, as `Conv`) and the same result up to float rounding.
   """
   features: int
+  # The four phases as one 2x2 convolution (with a one-pixel border of unused outputs) where the input is
+  # at least this many pixels high and wide, else as one matmul per phase; 0: always the matmuls.
+  conv_min_side: int = 0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] -> [B, 2H, 2W, features]
+    refuse_auto("UpsampleConv", upsample_conv_min_side=self.conv_min_side)
     b, h, w, c = x.shape
     kernel, bias = _kernel_and_bias(self, (3, 3, c, self.features), CONV_AXES)
     x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
     kernels = _phase_kernels(kernel)  # [2, 2, C, 4, out]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))  # [B, H+2, W+2, C]
-    if jax.default_backend() == "cpu" and min(h, w) >= CPU_UPSAMPLE_CONV_MIN_SIDE:
+    if self.conv_min_side > 0 and min(h, w) >= self.conv_min_side:
       # All four phases as one 2x2 convolution with 4 * out features; phase (a, b) is its output
       # shifted by (a, b).
       every = jax.lax.conv_general_dilated(padded, kernels.reshape(2, 2, c, 4 * self.features), (1, 1), "VALID",
@@ -316,7 +323,7 @@ class UpsampleConv(nn.Module):
       every = every.reshape(b, h + 1, w + 1, 4, self.features)  # [B, H+1, W+1, phase, out]
       phases = [every[:, a:a + h, col:col + w, 2 * a + col] for a in (0, 1) for col in (0, 1)]
     else:
-      # Each phase as one matmul over its four shifted inputs (the form measured on GPUs).
+      # Each phase as one matmul over its four shifted inputs.
       phases = []
       for a in (0, 1):
         for col in (0, 1):
@@ -331,9 +338,11 @@ class UpsampleConv(nn.Module):
 class Upsample(nn.Module):
   """Nearest-neighbour x2 then a 3x3 conv (computed as `UpsampleConv`)."""
   channels: int
+  conv_min_side: int = 0  # UpsampleConv's
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):  # [B, H, W, C] -> [B, 2H, 2W, C]
-    return UpsampleConv(self.channels, name="conv", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+    return UpsampleConv(self.channels, self.conv_min_side, name="conv", dtype=self.dtype,
+                        param_dtype=self.param_dtype)(x)

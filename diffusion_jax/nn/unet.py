@@ -14,9 +14,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusion_jax.nn.attention import SpatialTransformer
-from diffusion_jax.nn.layers import (Conv, Downsample, Dtype, GroupNorm, ResnetBlock, TimestepEmbedding,
-                                     Upsample, timestep_embedding)
+from diffusion_jax.nn.attention import IMPLEMENTATIONS, SpatialTransformer
+from diffusion_jax.nn.layers import (AUTO, Conv, Downsample, Dtype, GroupNorm, ResnetBlock, TimestepEmbedding,
+                                     Upsample, refuse_auto, timestep_embedding)
 
 DOWN_BLOCK_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCK_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -26,6 +26,9 @@ REMAT_MODES = ("none", "transformer", "resnet_and_transformer")
 REMAT_POLICIES = ("everything_saveable", "nothing_saveable", "dots_saveable", "checkpoint_dots",
                   "dots_with_no_batch_dims_saveable", "checkpoint_dots_with_no_batch_dims")
 ACTIVATION_AXES = ("batch", "height", "width", "channels")
+# Our own fields, not diffusers': how the model runs, not what it computes.
+_CHOICE_FIELDS = ("attention", "ff_chunk_elements", "upsample_conv_min_side")
+_OWN_FIELDS = ("remat",) + _CHOICE_FIELDS
 
 # diffusers options we do not implement, with the only value we accept (their default).
 _FIXED_DIFFUSERS_OPTIONS: dict[str, Any] = {
@@ -102,6 +105,16 @@ class UNetConfig:
   # Rematerialisation (trades compute for memory in training): "none", "transformer",
   # "resnet_and_transformer", or a jax.checkpoint_policies name (applied to resnets and transformers).
   remat: str = "none"
+  # How it runs on the devices at hand, chosen by the caller (`diffusion_jax.hardware.configure`
+  # resolves a run config's "auto"; the model refuses "auto"). Attention: one of
+  # `attention.IMPLEMENTATIONS` ("xla", "cudnn", "cpu_kernel", "cpu_tiles").
+  attention: str = "xla"
+  # The transformers' feed-forward over chunks of rows whose activations hold about this many
+  # elements (0: in one piece).
+  ff_chunk_elements: int | str = 0
+  # Upsamplers as one 2x2 convolution on inputs at least this many pixels high and wide, else one
+  # matmul per output phase (0: always the matmuls).
+  upsample_conv_min_side: int | str = 0
 
   def __post_init__(self):
     for name in ("sample_size", "block_out_channels", "layers_per_block", "down_block_types", "up_block_types",
@@ -139,6 +152,12 @@ class UNetConfig:
       raise ValueError(f"UNetConfig.remat {self.remat!r}: use one of {REMAT_MODES + REMAT_POLICIES}")
     if self.conv_in_kernel % 2 == 0 or self.conv_out_kernel % 2 == 0:
       raise ValueError("conv_in_kernel and conv_out_kernel must be odd")
+    if self.attention not in IMPLEMENTATIONS + (AUTO,):
+      raise ValueError(f"UNetConfig.attention {self.attention!r}: use one of {IMPLEMENTATIONS + (AUTO,)}")
+    for name in ("ff_chunk_elements", "upsample_conv_min_side"):
+      value = getattr(self, name)
+      if value != AUTO and not (isinstance(value, int) and value >= 0):
+        raise ValueError(f"UNetConfig.{name} must be an int >= 0 or 'auto', got {value!r}")
 
   # Per-block values, in down-block order.
   @property
@@ -161,7 +180,8 @@ class UNetConfig:
 
   @classmethod
   def from_diffusers(cls, config: Mapping[str, Any], **overrides) -> "UNetConfig":
-    """Builds the config from diffusers' `unet/config.json` (as a dict); `overrides` set our own fields (remat)."""
+    """Builds the config from diffusers' `unet/config.json` (as a dict); `overrides` set our own fields
+    (remat, attention, ff_chunk_elements, upsample_conv_min_side)."""
     kwargs = {}
     own = {f.name for f in dataclasses.fields(cls)}
     for key, value in config.items():
@@ -174,7 +194,7 @@ class UNetConfig:
       elif key == "mid_block_only_cross_attention":
         if value:
           raise ValueError("UNet option mid_block_only_cross_attention=True is not supported")
-      elif key in own and key != "remat":
+      elif key in own and key not in _OWN_FIELDS:
         kwargs[key] = value
       else:
         raise ValueError(f"unknown UNet2DConditionModel option {key!r}={value!r}")
@@ -189,7 +209,7 @@ class UNetConfig:
     heads = self.attention_head_dim if self.num_attention_heads is None else self.num_attention_heads
     out: dict[str, Any] = {"_class_name": "UNet2DConditionModel"}
     for f in dataclasses.fields(self):
-      if f.name != "remat":
+      if f.name not in _OWN_FIELDS:
         out[f.name] = as_json(getattr(self, f.name))
     out.update(attention_head_dim=as_json(heads), num_attention_heads=None, mid_block_only_cross_attention=None)
     out.update(_FIXED_DIFFUSERS_OPTIONS)
@@ -244,7 +264,8 @@ class _UNetBlock(nn.Module):
     cls = _block_classes(cfg.remat)[1]
     return cls(self.heads, self.out_channels // self.heads, depth=self.transformer_depth,
                use_linear_projection=cfg.use_linear_projection, groups=cfg.norm_num_groups, dropout=cfg.dropout,
-               name=name, dtype=self.dtype, param_dtype=self.param_dtype)
+               attention=cfg.attention, ff_chunk_elements=cfg.ff_chunk_elements, name=name, dtype=self.dtype,
+               param_dtype=self.param_dtype)
 
 
 class DownBlock(_UNetBlock):
@@ -288,7 +309,8 @@ class UpBlock(_UNetBlock):
       if self.heads:
         x = self.transformer(f"attentions_{i}")(x, context, deterministic)
     if self.resample:
-      x = Upsample(self.out_channels, name="upsamplers_0", dtype=self.dtype, param_dtype=self.param_dtype)(x)
+      x = Upsample(self.out_channels, self.config.upsample_conv_min_side, name="upsamplers_0", dtype=self.dtype,
+                   param_dtype=self.param_dtype)(x)
     return _constrain(x)
 
 
@@ -302,6 +324,7 @@ class UNet(nn.Module):
   def __call__(self, sample, timesteps, context, deterministic: bool = True):
     """[B, h, w, C_in], [B] or scalar (int or float), [B, L, D] -> [B, h, w, C_out] in `sample`'s dtype."""
     cfg = self.config
+    refuse_auto("UNet", **{name: getattr(cfg, name) for name in _CHOICE_FIELDS})
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     n = len(cfg.block_out_channels)
     b, h, w, _ = sample.shape
