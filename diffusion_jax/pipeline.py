@@ -1,11 +1,24 @@
-"""Text-to-image, img2img and inpainting with one compiled program per request shape."""
+"""Text-to-image, img2img and inpainting with one compiled program per request shape.
+
+Generation is assembled from small pieces, each a function of named inputs:
+
+  inputs        `_prepare`: prompts, sizes, init image and mask checked and turned into arrays
+  conditioning  `Conditioning.inputs`: what the denoiser reads, for the prompt and the negative prompt
+  denoiser      the UNet, wrapped by each conditioning (`Conditioning.wrap`), then guidance
+  sampler loop  `samplers.run_steps`, with the inpainting post-step where there is a mask
+  decode        the VAE on the unscaled latents, to pixels in [0, 1]
+
+A new kind of conditioning (ControlNet residuals, image embeddings given as class labels, a
+low-resolution image concatenated to the latents) is one more `Conditioning`: its host-side arrays
+ride along in the conditioning dicts, and its `wrap` changes what the UNet is called with.
+"""
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,8 +29,13 @@ from diffusion_jax import parallel, xla_options
 from diffusion_jax.convert import diffusers as dconv
 from diffusion_jax.diffusion import guidance, samplers
 from diffusion_jax.diffusion.schedules import SchedulerConfig
+from diffusion_jax.nn import autoencoder as ae
 from diffusion_jax.program_cache import ProgramCache
 from diffusion_jax.tokenizer import CLIPTokenizer
+
+# A denoiser: noisy latents [B, h, w, C], timesteps [B], the conditioning dict (batch-first arrays) and
+# extra UNet keyword arguments -> the UNet's output [B, h, w, C].
+NetFn = Callable[..., jax.Array]
 
 
 def _as_array(image, mode: str, name: str) -> np.ndarray:
@@ -58,6 +76,67 @@ def _to_mask_array(mask, name: str = "mask") -> np.ndarray:
   return (mask.astype(np.float32) >= 0.5).astype(np.float32)
 
 
+def _per_image(value, n: int, name: str) -> np.ndarray:
+  """An array with one entry per image: a single one is repeated, other counts are refused."""
+  if value.shape[0] == 1 and n > 1:
+    value = np.repeat(value, n, axis=0)
+  if value.shape[0] != n:
+    raise ValueError(f"{value.shape[0]} {name}s for {n} images")
+  return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The static settings of one generation: each distinct value is one compiled program."""
+  sampler: str
+  steps: int
+  start_step: int  # the first sampler step run (img2img starts part of the way down)
+  guided: bool  # classifier-free guidance (scale > 1)
+  rescaled: bool  # guidance rescale (> 0, with guidance)
+  start: str  # "noise", "image" (img2img) or "inpaint"
+  stepwise: bool  # one program per step, for a progress bar
+
+
+@dataclasses.dataclass
+class Request:
+  """One call's checked inputs: static settings and the arrays the compiled program takes."""
+  settings: Settings
+  plan: samplers.SamplerPlan
+  # Named arrays, batch first: "noise" [N, h, w, C], "cond" and "uncond" (conditioning dicts),
+  # "image" [N, H, W, 3] in [-1, 1] and "mask" [N, h, w, 1] where they apply, "scale" and "rescale" [].
+  arrays: dict
+  num_images: int
+
+
+class Conditioning(Protocol):
+  """One piece of conditioning: host-side arrays for the denoiser, and how the denoiser uses them."""
+  arguments: tuple[str, ...]  # the pipeline call's keyword arguments that this piece reads
+
+  def inputs(self, pipe: "Pipeline", prompts: list[str], negatives: list[str],
+             kwargs: dict) -> tuple[dict, dict]:
+    """(entries for the conditional branch, entries for the unconditional one), arrays [N, ...].
+
+    `kwargs` holds the call's `guidance_scale` and the keyword arguments named in `arguments`.
+    """
+
+  def wrap(self, net_fn: NetFn, params: dict) -> NetFn:
+    """The denoiser with this conditioning applied (traced inside the compiled program)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConditioning:
+  """The prompt's token states as the UNet's cross-attention context ("context")."""
+  arguments: tuple[str, ...] = ()
+
+  def inputs(self, pipe, prompts, negatives, kwargs):
+    cond = pipe.encode_prompt(prompts)
+    uncond = pipe.encode_prompt(negatives) if kwargs["guidance_scale"] > 1.0 else cond
+    return {"context": cond}, {"context": uncond}
+
+  def wrap(self, net_fn, params):
+    return net_fn  # the UNet reads cond["context"] itself
+
+
 @dataclasses.dataclass
 class Pipeline:
   """Stable-Diffusion-style generation. Create with `Pipeline.from_pretrained(path)`."""
@@ -68,9 +147,11 @@ class Pipeline:
   params: dict
   scheduler: SchedulerConfig
   configs: dict = dataclasses.field(default_factory=dict)
-  # Where compiled generation programs are kept between processes (`program_cache.ProgramCache`): a new
-  # process then skips tracing and compiling them. None: compiled in each process.
+  # Where traced generation programs are kept between processes (`program_cache.ProgramCache`): a new
+  # process then skips tracing them (XLA's persistent cache skips compiling). None: traced in each process.
   program_cache_dir: str | None = None
+  # The conditioning pieces, applied in order around the UNet (the text is always the first).
+  conditionings: tuple = (TextConditioning(),)
 
   def __post_init__(self):
     self._compiled: dict = {}
@@ -81,14 +162,19 @@ class Pipeline:
   def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, allow_pickle: bool = False) -> "Pipeline":
     """Loads a diffusers-format directory, or a training run directory (its exported `model/`).
 
-    `dtype` is the compute dtype (parameters stay float32); components missing from the
-    directory are None, so a directory with only `unet/` loads the UNet alone.
+    Returns the pipeline that `model_index.json`'s `_class_name` names (see `PIPELINES`); a class
+    this package does not implement is refused, naming it. `dtype` is the compute dtype (parameters
+    stay float32); components missing from the directory are None, so a directory with only `unet/`
+    loads the UNet alone.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
       raise FileNotFoundError(f"model path {path!r} does not exist or is not a directory")
     if not os.path.exists(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "model")):
       path = os.path.join(path, "model")  # a training run: train.py exports the model there
+    pipeline_cls = pipeline_class(path)
+    if cls is not Pipeline and not issubclass(pipeline_cls, cls):
+      raise ValueError(f"{path!r} holds a {pipeline_cls.__name__}, not a {cls.__name__}")
     present = dconv.available_components(path)
     if not present:
       raise FileNotFoundError(f"{path!r} is neither a diffusers-format directory (unet/, vae/, text_encoder/, "
@@ -103,8 +189,8 @@ class Pipeline:
     if "scheduler" in present:
       with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
         scheduler = SchedulerConfig.from_dict(json.load(f))
-    return cls(tokenizer, modules.get("text_encoder"), modules.get("vae"), modules.get("unet"),
-               params, scheduler, configs)
+    return pipeline_cls(tokenizer, modules.get("text_encoder"), modules.get("vae"), modules.get("unet"),
+                        params, scheduler, configs)
 
   def save_pretrained(self, directory: str | os.PathLike) -> None:
     """Exports a diffusers-format directory that diffusers' StableDiffusionPipeline loads."""
@@ -159,20 +245,42 @@ class Pipeline:
                num_inference_steps: int = 20, guidance_scale: float = 7.5, sampler: str = "dpmpp_2m",
                seed: int = 0, num_images: int = 1, height: int | None = None, width: int | None = None,
                latents: Any = None, image: Any = None, strength: float = 0.8, mask: Any = None,
-               guidance_rescale: float = 0.0, output_type: str = "uint8", progress: bool = False) -> np.ndarray:
+               guidance_rescale: float = 0.0, output_type: str = "uint8", progress: bool = False,
+               **conditioning_kwargs) -> np.ndarray:
     """Generates images: uint8 [N, H, W, 3] (or float in [0, 1] with output_type="np").
 
     One image per prompt times `num_images`. `latents` ([N, h, w, C] standard normal) replaces the
     seeded noise; `image` (+`strength`) starts from a picture; `mask` (1 = repaint) with `image` inpaints.
     `progress=True` shows a per-step progress bar (the loop then runs one jitted step at a time).
+    Other keyword arguments go to the pipeline's conditionings.
     """
+    if output_type not in ("uint8", "np"):
+      raise ValueError(f"output_type must be 'uint8' or 'np', got {output_type!r}")
+    request = self._prepare(prompt, negative_prompt, num_inference_steps=num_inference_steps,
+                            guidance_scale=guidance_scale, sampler=sampler, seed=seed, num_images=num_images,
+                            height=height, width=width, latents=latents, image=image, strength=strength,
+                            mask=mask, guidance_rescale=guidance_rescale, progress=progress, **conditioning_kwargs)
+    program = self._program(request.settings, request.plan)
+    arrays = _shard_batch(request.arrays, request.num_images)
+    key = jax.random.key(seed)
+    if request.settings.stepwise:
+      images = _run_with_progress(program, self._replicated_params(), arrays, key, request.settings)
+    else:
+      images = program(self._replicated_params(), arrays, key)
+    images = np.asarray(images)[:request.num_images]
+    if output_type == "np":
+      return images
+    return np.round(images * 255).astype(np.uint8)
+
+  def _prepare(self, prompt, negative_prompt, *, num_inference_steps, guidance_scale, sampler, seed, num_images,
+               height, width, latents, image, strength, mask, guidance_rescale, progress,
+               **conditioning_kwargs) -> Request:
+    """Checks the call's arguments and turns them into a `Request` (host side, before any program)."""
     self._require("tokenizer", "text_encoder", "vae", "unet")
     if sampler not in samplers.SAMPLERS:
       raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
     if num_inference_steps < 1:
       raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
-    if output_type not in ("uint8", "np"):
-      raise ValueError(f"output_type must be 'uint8' or 'np', got {output_type!r}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     prompts = [p for p in prompts for _ in range(num_images)]
     n = len(prompts)
@@ -181,67 +289,59 @@ class Pipeline:
     if len(negatives) != n:
       raise ValueError(f"{len(negatives)} negative prompts for {n} prompts")
 
-    init = None
+    arrays: dict = {}
     if image is not None:
-      init = _to_rgb_array(image, "init image")
-      if init.shape[0] == 1 and n > 1:
-        init = np.repeat(init, n, axis=0)
+      init = _per_image(_to_rgb_array(image, "init image"), n, "init image")
       height, width = init.shape[1:3]
+      arrays["image"] = jnp.asarray(init, jnp.float32) / 127.5 - 1.0  # [N, H, W, 3]
     height = height or self.default_size
     width = width or self.default_size
     f = self.latent_factor
     if height % f or width % f:
       raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
-    if init is not None and init.shape[0] != n:
-      raise ValueError(f"{init.shape[0]} init images for {n} prompts")
     h, w, c = height // f, width // f, self.configs["unet"].in_channels
 
     if latents is None:
       latents = jax.random.normal(jax.random.key(seed), (n, h, w, c), jnp.float32)
-    latents = jnp.asarray(latents, jnp.float32)
-    if latents.shape != (n, h, w, c):
-      raise ValueError(f"latents must have shape {(n, h, w, c)}, got {tuple(latents.shape)}")
+    arrays["noise"] = jnp.asarray(latents, jnp.float32)
+    if arrays["noise"].shape != (n, h, w, c):
+      raise ValueError(f"latents must have shape {(n, h, w, c)}, got {tuple(arrays['noise'].shape)}")
 
-    mask_arr = None
+    start = "noise" if image is None else "image"
     if mask is not None:
-      if init is None:
+      if image is None:
         raise ValueError("inpainting needs `image` as well as `mask`")
-      mask_arr = _to_mask_array(mask)
+      mask_arr = _per_image(_to_mask_array(mask), n, "mask")
       if mask_arr.shape[1:] != (height, width):
         raise ValueError(f"mask is {mask_arr.shape[1]}x{mask_arr.shape[2]} but the image is {height}x{width}")
-      if mask_arr.shape[0] == 1 and n > 1:
-        mask_arr = np.repeat(mask_arr, n, axis=0)
       # [N, H, W] -> [N, h, w, 1]: a latent is repainted if any of its pixels is.
-      mask_arr = mask_arr.reshape(n, h, f, w, f).max(axis=(2, 4))[..., None]
+      arrays["mask"] = jnp.asarray(mask_arr.reshape(n, h, f, w, f).max(axis=(2, 4))[..., None])
+      start = "inpaint"
 
-    plan = samplers.make_plan(sampler, self.scheduler, num_inference_steps)
     start_step = 0
-    if init is not None and mask is None:
+    if start == "image":
       if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must be in (0, 1], got {strength}")
       start_step = samplers.img2img_start_step(num_inference_steps, strength)
     if start_step >= num_inference_steps:
       raise ValueError(f"strength {strength} with {num_inference_steps} steps leaves no step to run")
 
-    cond = self.encode_prompt(prompts)
-    use_cfg = guidance_scale > 1.0
-    uncond = self.encode_prompt(negatives) if use_cfg else cond
-    init_pixels = None if init is None else jnp.asarray(init, jnp.float32) / 127.5 - 1.0
-
-    key = jax.random.key(seed)
-    program = self._program(sampler, num_inference_steps, use_cfg, guidance_rescale > 0, start_step,
-                            init is not None, mask is not None, plan, bool(progress))
-    args = _shard_batch((self._replicated_params(), cond, uncond, latents, key, init_pixels,
-                         None if mask_arr is None else jnp.asarray(mask_arr),
-                         jnp.float32(guidance_scale), jnp.float32(guidance_rescale)), n)
-    if progress:
-      images = _run_with_progress(program, args, start_step, num_inference_steps)
-    else:
-      images = program(*args)
-    images = np.asarray(images)[:n]
-    if output_type == "np":
-      return images
-    return np.round(images * 255).astype(np.uint8)
+    claimed = {name for piece in self.conditionings for name in piece.arguments}
+    unknown = sorted(set(conditioning_kwargs) - claimed)
+    if unknown:
+      raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)} for this pipeline")
+    arrays["cond"], arrays["uncond"] = {}, {}
+    kwargs = dict(conditioning_kwargs, guidance_scale=guidance_scale)
+    for piece in self.conditionings:
+      cond, uncond = piece.inputs(self, prompts, negatives, kwargs)
+      arrays["cond"].update(cond)
+      arrays["uncond"].update(uncond)
+    guided = guidance_scale > 1.0
+    arrays["scale"] = jnp.float32(guidance_scale)
+    arrays["rescale"] = jnp.float32(guidance_rescale)
+    settings = Settings(sampler, num_inference_steps, start_step, guided, guided and guidance_rescale > 0, start,
+                        bool(progress))
+    return Request(settings, samplers.make_plan(sampler, self.scheduler, num_inference_steps), arrays, n)
 
   def _replicated_params(self) -> dict:
     """`params` replicated over all devices, placed once (again only after a leaf is replaced)."""
@@ -250,56 +350,78 @@ class Pipeline:
       self._placed_leaves = tuple(map(id, jax.tree.leaves(self.params)))
     return self.params
 
-  def _program(self, sampler, steps, use_cfg, rescale_on, start_step, has_init, has_mask, plan, stepwise):
-    """The jitted generation for one static configuration: text states to images.
+  # ---------------------------------------------------------------- the compiled pieces
+  def _denoiser(self, params: dict) -> NetFn:
+    """The UNet, wrapped by every conditioning: `net_fn(x, t, cond, **unet_kwargs)`."""
+    def unet_fn(x, t, cond, **unet_kwargs):  # [B, h, w, C], [B], {"context": [B, L, D], ...}
+      return self.unet.apply({"params": params["unet"]}, x, t, cond["context"], **unet_kwargs)
 
-    Normally one program: the sampling loop, guidance and the VAE decode. With `stepwise` (for a
-    progress bar), three, `(begin, advance, finish)`, and `advance` runs one step at a given index
-    (see `_run_with_progress`): a host callback inside one program would report progress too, but
-    XLA's persistent compilation cache does not store programs that hold one, so every new process
-    would compile the whole loop again.
+    net_fn = unet_fn
+    for piece in self.conditionings:
+      net_fn = piece.wrap(net_fn, params)
+    return net_fn
+
+  def _begin(self, settings: Settings, plan, params, arrays):
+    """-> (sampler loop state, clean init latents or None): the starting point of the loop."""
+    init_latents = None
+    if settings.start != "noise":
+      mean, _ = self.vae.apply({"params": params["vae"]}, arrays["image"], method="encode")
+      init_latents = ae.scale_latents(mean, self.configs["vae"])
+    state = samplers.initial_state(settings.sampler, arrays["noise"], plan, start_step=settings.start_step,
+                                   init_latents=init_latents if settings.start == "image" else None)
+    return _batch_sharded(state), init_latents
+
+  def _advance(self, settings: Settings, plan, params, arrays, key, state, init_latents, first, count: int):
+    """Runs `count` sampler steps from step `first` on the loop state."""
+    net_fn = self._denoiser(params)
+    model_fn = guidance.guided_model_fn(net_fn, arrays["cond"], arrays["uncond"],
+                                        arrays["scale"] if settings.guided else 1.0,
+                                        arrays["rescale"] if settings.rescaled else 0.0)
+    post_step = None
+    if settings.start == "inpaint":
+      post_step = samplers.inpaint_post_step(plan, init_latents, arrays["noise"], arrays["mask"])
+    state = samplers.run_steps(settings.sampler, model_fn, state, plan, key, first=first, count=count,
+                               post_step=post_step)
+    # Pinned to the input's layout (XLA would otherwise choose the output's sharding): a step's output
+    # is the next step's input, so one compiled step serves them all.
+    return _batch_sharded(state)
+
+  def _finish(self, settings: Settings, params, arrays, state, init_latents):
+    """The loop's final latents -> images [B, H, W, 3] in [0, 1]."""
+    latents = state[0]
+    if settings.start == "inpaint":  # the last step lands on x0: paste the exact known latents
+      latents = arrays["mask"] * latents + (1.0 - arrays["mask"]) * init_latents
+    images = self.vae.apply({"params": params["vae"]}, ae.unscale_latents(latents, self.configs["vae"]),
+                            method="decode")
+    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+  def _program(self, settings: Settings, plan):
+    """The jitted generation for one `Settings`: `program(params, arrays, key) -> images`.
+
+    With `settings.stepwise` (for a progress bar), three programs, `(begin, advance, finish)`, and
+    `advance` runs one step at a given index (see `_run_with_progress`): a host callback inside one
+    program would report progress too, but XLA's persistent compilation cache does not store programs
+    that hold one, so every new process would compile the whole loop again.
     """
-    use_rescale = use_cfg and rescale_on
-    cache_key = (sampler, steps, use_cfg, use_rescale, start_step, has_init, has_mask, stepwise,
-                 self.program_cache_dir)
+    cache_key = (settings, self.program_cache_dir)
     if cache_key in self._compiled:
       return self._compiled[cache_key]
-    scaling = self.configs["vae"].scaling_factor
+    s = settings
 
-    def begin(params, noise, init_pixels):  # -> loop state, clean init latents (None: text to image)
-      init_latents = None
-      if has_init:
-        mean, _ = self.vae.apply({"params": params["vae"]}, init_pixels, method="encode")
-        init_latents = mean * scaling
-      state = samplers.initial_state(sampler, noise, plan, start_step=start_step,
-                                     init_latents=None if has_mask else init_latents)
-      return _batch_sharded(state), init_latents
+    def begin(params, arrays):
+      return self._begin(s, plan, params, arrays)
 
-    def advance(params, state, first, cond, uncond, noise, rng, init_latents, mask, scale, rescale, *, count):
-      def net_fn(x, t, context):  # [B, h, w, C], [B], [B, L, D] -> model output
-        return self.unet.apply({"params": params["unet"]}, x, t, context)
+    def advance(params, arrays, key, state, init_latents, first):
+      return self._advance(s, plan, params, arrays, key, state, init_latents, first, count=1)
 
-      model_fn = guidance.guided_model_fn(net_fn, cond, uncond, scale if use_cfg else 1.0,
-                                          rescale if use_rescale else 0.0)
-      post_step = samplers.inpaint_post_step(plan, init_latents, noise, mask) if has_mask else None
-      state = samplers.run_steps(sampler, model_fn, state, plan, rng, first=first, count=count,
-                                 post_step=post_step)
-      # Pinned to the input's layout (XLA would otherwise choose the output's sharding): a step's output
-      # is the next step's input, so one compiled step serves them all.
-      return _batch_sharded(state)
+    def finish(params, arrays, state, init_latents):
+      return self._finish(s, params, arrays, state, init_latents)
 
-    def finish(params, state, init_latents, mask):
-      latents = state[0]
-      if has_mask:  # the last step lands on x0: paste the exact known latents
-        latents = mask * latents + (1.0 - mask) * init_latents
-      images = self.vae.apply({"params": params["vae"]}, latents / scaling, method="decode")
-      return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [B, H, W, 3]
-
-    def run(params, cond, uncond, noise, rng, init_pixels, mask, scale, rescale):
-      state, init_latents = begin(params, noise, init_pixels)
-      state = advance(params, state, start_step, cond, uncond, noise, rng, init_latents, mask, scale, rescale,
-                      count=steps - start_step)
-      return finish(params, state, init_latents, mask)
+    def run(params, arrays, key):
+      state, init_latents = self._begin(s, plan, params, arrays)
+      state = self._advance(s, plan, params, arrays, key, state, init_latents, s.start_step,
+                            count=s.steps - s.start_step)
+      return self._finish(s, params, arrays, state, init_latents)
 
     def jit(fn, piece: str):
       options = xla_options.compiler_options()
@@ -307,38 +429,61 @@ class Pipeline:
       if self.program_cache_dir is None:
         return jitted
       # Everything the traced program depends on besides the package's source and the arguments.
-      description = ("Pipeline", piece, cache_key[:-1], options, self.unet, self.vae, self.scheduler, plan)
-      return ProgramCache(self.program_cache_dir).wrap(jitted, description)
+      description = ("Pipeline", piece, s, options, self.unet, self.vae, self.configs.get("vae"), self.scheduler,
+                     plan, self.conditionings)
+      return ProgramCache(self.program_cache_dir).wrap(jitted, description, options)
 
-    if stepwise:
-      program = (jit(begin, "begin"), jit(functools.partial(advance, count=1), "advance"), jit(finish, "finish"))
+    if s.stepwise:
+      program = (jit(begin, "begin"), jit(advance, "advance"), jit(finish, "finish"))
     else:
       program = jit(run, "run")
     self._compiled[cache_key] = program
     return program
 
 
-def _run_with_progress(program, args, start_step: int, steps: int):
-  """Runs `_program(..., stepwise=True)` a step at a time under a progress bar; returns the images.
+def _run_with_progress(program, params, arrays, key, settings: Settings):
+  """Runs `_program(...)` of a stepwise `settings` a step at a time under a progress bar; returns the images.
 
   Step i + 1 is queued before the bar waits for step i, so the device never waits on the host.
   """
   from tqdm import tqdm
 
   begin, advance, finish = program
-  params, cond, uncond, noise, rng, init_pixels, mask, scale, rescale = args
-  state, init_latents = begin(params, noise, init_pixels)
-  with tqdm(total=steps - start_step, desc="sampling", unit="step") as bar:
+  state, init_latents = begin(params, arrays)
+  with tqdm(total=settings.steps - settings.start_step, desc="sampling", unit="step") as bar:
     previous = None
-    for i in range(start_step, steps):
-      state = advance(params, state, np.int32(i), cond, uncond, noise, rng, init_latents, mask, scale, rescale)
+    for i in range(settings.start_step, settings.steps):
+      state = advance(params, arrays, key, state, init_latents, np.int32(i))
       if previous is not None:
         previous.block_until_ready()
         bar.update(1)
       previous = state[0]
     previous.block_until_ready()
     bar.update(1)
-  return finish(params, state, init_latents, mask)
+  return finish(params, arrays, state, init_latents)
+
+
+# `model_index.json`'s `_class_name` -> the pipeline that runs it. Img2img and inpainting with a plain
+# 4-channel UNet are calls of the text-to-image pipeline, as diffusers' directories of those classes are.
+PIPELINES: dict[str, type] = {
+    "StableDiffusionPipeline": Pipeline,
+    "StableDiffusionImg2ImgPipeline": Pipeline,
+}
+
+
+def pipeline_class(path: str) -> type:
+  """The pipeline class for a diffusers-format directory (text-to-image where no class is named)."""
+  index = os.path.join(path, "model_index.json")
+  if not os.path.exists(index):
+    return Pipeline
+  with open(index) as f:
+    name = json.load(f).get("_class_name")
+  if name is None:
+    return Pipeline
+  if name not in PIPELINES:
+    raise ValueError(f"{path!r} holds a {name}, which this version does not implement "
+                     f"(supported: {', '.join(sorted(PIPELINES))})")
+  return PIPELINES[name]
 
 
 @functools.lru_cache(maxsize=None)
@@ -358,18 +503,16 @@ def _batch_sharded(tree):
       lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P("data") if x.ndim else P())), tree)
 
 
-def _shard_batch(args, n: int):
-  """Pads the batch to a multiple of the device count and shards it; `params` are already replicated."""
+def _shard_batch(arrays: dict, n: int) -> dict:
+  """Pads every batch-first array to a multiple of the device count and shards it; scalars are replicated."""
   mesh = _mesh()
   pad = -n % mesh.size
-  batch = NamedSharding(mesh, P("data"))
 
   def place(x):
-    if x is None:
-      return None
+    if x.ndim == 0:
+      return jax.device_put(x, NamedSharding(mesh, P()))
     if pad:
       x = jnp.concatenate([x, jnp.repeat(x[-1:], pad, axis=0)])
-    return jax.device_put(x, batch)
+    return jax.device_put(x, NamedSharding(mesh, P("data")))
 
-  params, cond, uncond, noise, key, init, mask, scale, rescale = args
-  return (params, place(cond), place(uncond), place(noise), key, place(init), place(mask), scale, rescale)
+  return jax.tree.map(place, arrays)

@@ -1,25 +1,24 @@
-"""Compiled programs kept on disk and found again without tracing them.
+"""Traced programs kept on disk as serialized StableHLO (`jax.export`), found again without tracing.
 
 XLA's persistent compilation cache (`jax_compilation_cache_dir`) saves XLA's work, but it finds an
 entry by the lowered program, so every new process first traces the Python code and lowers it: for
-the default model's sampling loop that is 1.1 s of the 1.4-1.6 s a second process spends before
-generating. `ProgramCache` stores the compiled executable under a key made without tracing, from
-everything the program depends on:
+the default model's sampling loop that is most of what a second process spends before generating.
+`ProgramCache` stores the program's StableHLO, as `jax.export` serializes it (a flatbuffer: data, no
+code and no pickle), under a key made without tracing, from everything the program depends on:
 
 - the source of this package and the versions of Python, JAX, jaxlib, Flax and NumPy;
-- JAX's configuration, XLA's and libtpu's environment variables, and this package's module-level
-  settings (such as `attention.GPU_IMPLEMENTATION`);
-- the devices and the process count, and whether the CPU attention kernel built;
+- JAX's configuration and XLA's and libtpu's environment variables;
+- the devices and the process count;
 - the caller's description of the program: its static settings and the modules it runs, which must
   be this package's (`describe` returns None for anything else, and such programs are not cached);
 - the arguments' tree structure, shapes, dtypes and shardings.
 
+A loaded program is compiled as usual, so XLA's persistent cache (set it up as well) supplies the
+executable: the first process compiles the same deserialized program, and stores it there.
+
     cache = ProgramCache("~/.cache/diffusion_jax/programs")
     run = cache.wrap(jax.jit(fn), ("sampling loop", unet_module, steps))
-    images = run(*args)  # loads the executable, or compiles it and stores it
-
-Loading an executable runs native code from the file, as XLA's own cache does: use a directory that
-only you can write to.
+    images = run(*args)  # loads the program, or traces it and stores it
 """
 from __future__ import annotations
 
@@ -27,11 +26,9 @@ import dataclasses
 import functools
 import hashlib
 import os
-import pickle
 import sys
 import tempfile
 import time
-import warnings
 from typing import Any, Callable
 
 import flax
@@ -39,14 +36,19 @@ import flax.linen as nn
 import jax
 import jaxlib
 import numpy as np
-from jax.experimental import serialize_executable
+from jax import export
 
 from diffusion_jax.nn import cpu_attention
+from diffusion_jax.util import warn_once
 
 LOAD_EVENT = "/diffusion_jax/program_cache/load_sec"  # jax.monitoring durations, for benchmarks
 SAVE_EVENT = "/diffusion_jax/program_cache/save_sec"
+SUFFIX = ".jaxexport"
 _ENV_PREFIXES = ("XLA_", "LIBTPU_", "TPU_", "JAX_")
 _PACKAGE = __name__.split(".")[0]
+# The package's own custom calls (the CPU attention kernel): `jax.export` accepts only targets it
+# knows to be stable unless told; ours are versioned with the package's source, which the key covers.
+_OWN_CUSTOM_CALLS = tuple(export.DisabledSafetyCheck.custom_call(name) for name in cpu_attention._TARGETS.values())
 
 
 class NotDescribable(TypeError):
@@ -98,19 +100,6 @@ def _source_digest() -> str:
   return digest.hexdigest()
 
 
-def _settings() -> str:
-  """Module-level UPPER_CASE settings of this package's loaded modules (what users may change)."""
-  parts = []
-  for module_name in sorted(m for m in sys.modules if m == _PACKAGE or m.startswith(_PACKAGE + ".")):
-    for attr, value in sorted(vars(sys.modules[module_name]).items()):
-      if attr.isupper() and not attr.startswith("_"):
-        try:
-          parts.append(f"{module_name}.{attr}={describe(value)}")
-        except NotDescribable:
-          pass  # functions and classes: their code is in the source digest
-  return ";".join(parts)
-
-
 def _environment() -> str:
   config = []
   for name, value in sorted(jax.config.values.items()):
@@ -122,9 +111,7 @@ def _environment() -> str:
   devices = [(d.id, d.platform, d.device_kind, d.process_index) for d in jax.devices()]
   env = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
   versions = (sys.version_info[:2], jax.__version__, jaxlib.__version__, flax.__version__, np.__version__)
-  # Whether the CPU attention kernel built; checking also registers it, as a loaded program calls it.
-  kernels = jax.default_backend() == "cpu" and cpu_attention.available()
-  return describe((versions, _source_digest(), _settings(), config, env, repr(devices), jax.process_count(), kernels))
+  return describe((versions, _source_digest(), config, env, repr(devices), jax.process_count()))
 
 
 def _sharding_text(sharding) -> str:
@@ -151,88 +138,88 @@ def signature(args: tuple) -> str:
   return "|".join(parts)
 
 
-@functools.lru_cache(maxsize=None)
-def _warn_once(message: str) -> None:
-  warnings.warn(message, stacklevel=4)
-
-
 class ProgramCache:
-  """Compiled executables in `directory`, keyed as the module docstring says."""
+  """Serialized programs in `directory`, keyed as the module docstring says."""
 
   def __init__(self, directory: str | os.PathLike):
     self.directory = os.path.expanduser(os.fspath(directory))
 
-  def wrap(self, jitted: Callable, description: Any) -> Callable:
-    """`jitted` (a `jax.jit` function) as a callable that loads or compiles-and-stores its executables.
+  def wrap(self, jitted: Callable, description: Any, compiler_options: dict | None = None) -> Callable:
+    """`jitted` (a `jax.jit` function) as a callable that loads or traces-and-stores its programs.
 
     `description` names the program: its static settings and the modules it runs (see `describe`).
-    Without one that can be described, or in a multi-host run, `jitted` comes back unchanged.
+    `compiler_options` are those `jitted` was made with, for compiling the program it exports.
+    Without a description that can be described, or in a multi-host run, `jitted` comes back unchanged.
     """
-    if jax.process_count() > 1:  # each host would load its part of a multi-host executable: not supported
+    if jax.process_count() > 1:  # each host would load a program for all hosts' devices: not supported
       return jitted
     try:
-      described = describe(description)
+      described = describe((description, compiler_options))
     except NotDescribable:
       return jitted
-    return _CachedProgram(self, jitted, described)
+    return _CachedProgram(self, jitted, described, compiler_options)
 
   def path(self, description: str, args: tuple) -> str:
     material = "\n".join((_environment(), description, signature(args)))
-    return os.path.join(self.directory, hashlib.sha256(material.encode()).hexdigest() + ".jaxexe")
+    return os.path.join(self.directory, hashlib.sha256(material.encode()).hexdigest() + SUFFIX)
 
-  def load(self, path: str):
-    """The executable at `path`, or None where there is none (or it cannot be read back)."""
+  def load(self, path: str) -> export.Exported | None:
+    """The program at `path`, or None where there is none (or it cannot be read back)."""
     if not os.path.exists(path):
       return None
     start = time.perf_counter()
     try:
       with open(path, "rb") as f:
-        payload, in_tree, out_tree = pickle.load(f)
-      compiled = serialize_executable.deserialize_and_load(payload, in_tree, out_tree)
-    except Exception as error:  # a truncated or foreign file: compile again and replace it
-      _warn_once(f"ignoring the unreadable compiled program {path}: {error}")
+        exported = export.deserialize(bytearray(f.read()))
+    except Exception as error:  # a truncated or foreign file: trace again and replace it
+      warn_once(f"ignoring the unreadable program {path}: {error}")
       return None
     jax.monitoring.record_event_duration_secs(LOAD_EVENT, time.perf_counter() - start)
-    return compiled
+    return exported
 
-  def save(self, path: str, compiled) -> None:
+  def save(self, path: str, exported: export.Exported) -> None:
     start = time.perf_counter()
     try:
-      payload = pickle.dumps(serialize_executable.serialize(compiled), protocol=pickle.HIGHEST_PROTOCOL)
+      payload = exported.serialize()
       os.makedirs(self.directory, exist_ok=True)
       # Written under a temporary name, then renamed: a crash never leaves half a file under the key.
       fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
       with os.fdopen(fd, "wb") as f:
         f.write(payload)
       os.replace(tmp, path)
-    except Exception as error:  # e.g. a read-only directory, or a program XLA cannot serialize
-      _warn_once(f"not keeping compiled programs in {self.directory}: {error}")
+    except Exception as error:  # e.g. a read-only directory
+      warn_once(f"not keeping compiled programs in {self.directory}: {error}")
       return
     jax.monitoring.record_event_duration_secs(SAVE_EVENT, time.perf_counter() - start)
 
 
 def _call_key(args) -> tuple:
-  """What a compiled program checks about its arguments, as a cheap hashable (~0.5 ms for 450 leaves,
-  against ~6 ms for `signature`): looked up on every call."""
+  """What a program checks about its arguments, as a cheap hashable (~0.5 ms for 450 leaves, against
+  ~6 ms for `signature`): looked up on every call."""
   leaves, tree = jax.tree.flatten(args)
   return tree, tuple((np.shape(x), getattr(x, "dtype", type(x)), getattr(x, "weak_type", None),
                       x.sharding if isinstance(x, jax.Array) else None) for x in leaves)
 
 
 class _CachedProgram:
-  def __init__(self, cache: ProgramCache, jitted: Callable, description: str):
+  def __init__(self, cache: ProgramCache, jitted: Callable, description: str, compiler_options: dict | None):
     self._cache, self._jitted, self._description = cache, jitted, description
-    self._by_call_key: dict[tuple, Any] = {}
-    self._by_path: dict[str, Any] = {}  # equivalent shardings written differently share an executable
+    self._compiler_options = compiler_options
+    self._by_call_key: dict[tuple, Callable] = {}
+    self._by_path: dict[str, Callable] = {}  # equivalent shardings written differently share a program
 
   def __call__(self, *args):
     call_key = _call_key(args)
-    compiled = self._by_call_key.get(call_key)
-    if compiled is None:
+    program = self._by_call_key.get(call_key)
+    if program is None:
       path = self._cache.path(self._description, args)
-      compiled = self._by_path.get(path) or self._cache.load(path)
-      if compiled is None:
-        compiled = self._jitted.lower(*args).compile()
-        self._cache.save(path, compiled)
-      self._by_path[path] = self._by_call_key[call_key] = compiled
-    return compiled(*args)
+      program = self._by_path.get(path)
+      if program is None:
+        exported = self._cache.load(path)
+        if exported is None:
+          exported = export.export(self._jitted, disabled_checks=_OWN_CUSTOM_CALLS)(*args)
+          self._cache.save(path, exported)
+        # Both processes compile this same program, so XLA's persistent cache serves the second.
+        program = jax.jit(exported.call, compiler_options=self._compiler_options)
+      self._by_path[path] = self._by_call_key[call_key] = program
+    return program(*args)

@@ -1,4 +1,5 @@
-"""Compiled programs on disk: found again without tracing, and never found for a different program."""
+"""Traced programs on disk (jax.export): found again without tracing, never found for a different program."""
+import dataclasses
 import os
 import warnings
 
@@ -6,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import export
 
 from diffusion_jax import program_cache
 from diffusion_jax.program_cache import NotDescribable, ProgramCache, describe
@@ -44,7 +46,7 @@ def traced_counter():
 
 
 def entries(directory):
-  return sorted(n for n in os.listdir(directory) if n.endswith(".jaxexe")) if os.path.isdir(directory) else []
+  return sorted(n for n in os.listdir(directory) if n.endswith(program_cache.SUFFIX)) if os.path.isdir(directory) else []
 
 
 def test_a_new_cache_loads_the_program_without_tracing_it(tmp_path):
@@ -80,14 +82,24 @@ def test_the_key_covers_shapes_dtypes_description_and_jax_config(tmp_path):
   assert len(traces) == 5
 
 
-def test_the_key_covers_the_package_settings(tmp_path, monkeypatch):
-  from diffusion_jax.nn import attention
+def test_the_key_covers_the_modules_implementation_choices(tmp_path):
+  from diffusion_jax.nn.unet import TINY, UNet
   new_function, traces = traced_counter()
   x, y = jnp.ones((2, 3)), jnp.ones((3, 4))
-  ProgramCache(tmp_path).wrap(jax.jit(new_function()), "p")(x, y)
-  monkeypatch.setattr(attention, "CPU_TILE_ELEMENTS", attention.CPU_TILE_ELEMENTS // 2)
-  ProgramCache(tmp_path).wrap(jax.jit(new_function()), "p")(x, y)
+  for attention in ("xla", "cpu_tiles", "xla"):
+    unet = UNet(dataclasses.replace(TINY, attention=attention))
+    ProgramCache(tmp_path).wrap(jax.jit(new_function()), ("p", unet))(x, y)
   assert len(traces) == 2 and len(entries(tmp_path)) == 2
+
+
+def test_entries_are_data_not_code(tmp_path):
+  new_function, _ = traced_counter()
+  ProgramCache(tmp_path).wrap(jax.jit(new_function()), "p")(jnp.ones((2, 3)), jnp.ones((3, 4)))
+  (path,) = entries(tmp_path)
+  with open(tmp_path / path, "rb") as f:
+    payload = f.read()
+  assert not payload.startswith(b"\x80")  # no pickle stream
+  assert export.deserialize(bytearray(payload)).in_avals[0].shape == (2, 3)
 
 
 def test_an_unreadable_entry_is_compiled_again_and_replaced(tmp_path):
@@ -97,7 +109,7 @@ def test_an_unreadable_entry_is_compiled_again_and_replaced(tmp_path):
   (path,) = entries(tmp_path)
   with open(tmp_path / path, "r+b") as file:
     file.truncate(100)  # as a crash of another writer might have left it (writes are atomic here)
-  with pytest.warns(UserWarning, match="unreadable compiled program"):
+  with pytest.warns(UserWarning, match="unreadable program"):
     out = ProgramCache(tmp_path).wrap(jax.jit(new_function()), "p")(x, y)
   np.testing.assert_array_equal(np.asarray(out), expected)
   assert len(traces) == 2 and os.path.getsize(tmp_path / path) > 100
