@@ -10,10 +10,10 @@ import importlib
 _EXPORTS = {"Pipeline": "diffusion_jax.pipeline", "CLIPTokenizer": "diffusion_jax.tokenizer",
             "load_component": "diffusion_jax.convert.diffusers", "save_component": "diffusion_jax.convert.diffusers",
             "UnsafeCheckpointError": "diffusion_jax.convert.diffusers",
-            "WeightMismatchError": "diffusion_jax.convert.keys"}
+            "WeightMismatchError": "diffusion_jax.convert.keys", "jit": "diffusion_jax.xla_options"}
 
 __all__ = ["Pipeline", "CLIPTokenizer", "load_component", "save_component", "UnsafeCheckpointError",
-           "WeightMismatchError"]
+           "WeightMismatchError", "jit"]
 __version__ = "0.1.0"
 
 

@@ -1,6 +1,8 @@
-"""XLA compiler options for the programs this project compiles, in one table.
+"""XLA compiler options for the programs this project compiles, in one table, and `jit`, which adds them.
 
-  jax.jit(train_step, compiler_options=xla_options.compiler_options("memory"))
+  step = diffusion_jax.jit(train_step, scheduler="memory", donate_argnums=(0, 1))
+  # the same as
+  step = jax.jit(train_step, donate_argnums=(0, 1), compiler_options=xla_options.compiler_options("memory"))
 
 Options are per backend; on a TPU or GPU there are none today. An option the installed XLA does not
 know is left out (checked once per process), so older and newer jaxlibs compile as before.
@@ -8,6 +10,7 @@ know is left out (checked once per process), so older and newer jaxlibs compile 
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -53,3 +56,14 @@ def _accepted(backend: str, name: str, value) -> bool:
     return True
   except Exception:  # jaxlib raises its own runtime error type for unknown options
     return False
+
+
+def jit(fn: Callable, *, scheduler: str = "default", **jit_kwargs):
+  """`jax.jit(fn, **jit_kwargs)` with this project's compiler options for the default backend added:
+  what the pipeline and training compile with, for users' own programs (a model's `apply`, a train step).
+
+  `scheduler`: "default", or "memory" for train steps that should not hold every gradient at once
+  (see SCHEDULERS). Options given in `jit_kwargs["compiler_options"]` take precedence.
+  """
+  options = {**compiler_options(scheduler), **(jit_kwargs.pop("compiler_options", None) or {})}
+  return jax.jit(fn, compiler_options=options, **jit_kwargs)

@@ -1,4 +1,5 @@
 """AutoencoderKL against diffusers' AutoencoderKL (same random weights), its config and its checkpoints."""
+import dataclasses
 import math
 
 import flax
@@ -10,6 +11,7 @@ import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
+from diffusion_jax import hardware
 from diffusion_jax.convert.keys import flatten, flax_to_torch, torch_to_flax
 from diffusion_jax.nn import autoencoder as ae
 
@@ -90,9 +92,14 @@ def small():
   return torch_model, params, images, latents, torch_outputs(torch_model, images, latents)
 
 
-def test_parity_float32(small):
+# The implementation choices of the model run on: those `hardware` makes for this machine's devices,
+# and the CPU's alternatives (XLA tiles, every upsampler as one convolution). bf16 runs the default "xla".
+@pytest.mark.parametrize("choices", [None, dict(attention="cpu_tiles", upsample_conv_min_side=1)],
+                         ids=["configured", "alternatives"])
+def test_parity_float32(small, choices):
   _, params, images, latents, want = small
-  got = flax_outputs(ae.AutoencoderKL(SMALL), params, images, latents)
+  config = hardware.configure(SMALL, force=True) if choices is None else dataclasses.replace(SMALL, **choices)
+  got = flax_outputs(ae.AutoencoderKL(config), params, images, latents)
   for name, g, w in zip(("mean", "logvar", "decoded"), got, want):
     assert g.shape == w.shape, name
     assert g.dtype == jnp.float32
@@ -241,6 +248,26 @@ def test_from_diffusers_sd_config_json():
   assert ae.AutoencoderConfig.from_diffusers(config_json) == ae.SD
   assert ae.SD.scaling_factor == 0.18215 and ae.SD.shift_factor is None
   assert ae.AutoencoderConfig.from_diffusers(ae.SD.to_diffusers()) == ae.SD
+
+
+def test_implementation_choices_are_our_own_fields():
+  chosen = dict(attention="cpu_kernel", upsample_conv_min_side=16)
+  config = ae.AutoencoderConfig.from_diffusers(SMALL.to_diffusers(), **chosen)
+  assert config == dataclasses.replace(SMALL, **chosen)
+  assert config.to_diffusers() == SMALL.to_diffusers()
+  for key, value in chosen.items():
+    with pytest.raises(ValueError, match="unsupported config options"):
+      ae.AutoencoderConfig.from_diffusers({**SMALL.to_diffusers(), key: value})
+  with pytest.raises(ValueError, match="attention"):
+    dataclasses.replace(SMALL, attention="flash")
+
+
+@pytest.mark.parametrize("field", ["attention", "upsample_conv_min_side"])
+def test_the_model_refuses_auto(field):
+  config = dataclasses.replace(SMALL, **{field: "auto"})
+  with pytest.raises(ValueError, match=f"{field}='auto'.*hardware.configure"):
+    abstract_params(ae.AutoencoderKL(config))
+  assert getattr(hardware.configure(config), field) == hardware.choices()[field]
 
 
 @pytest.mark.parametrize("change, message", [
