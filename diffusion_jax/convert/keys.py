@@ -11,6 +11,7 @@ import re
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
+from flax import traverse_util
 
 # (pattern, replacement) applied in order to every PyTorch key before the generic rule.
 KEY_RENAMES: tuple[tuple[str, str], ...] = (
@@ -55,12 +56,18 @@ def path_to_torch_key(path: tuple[str, ...]) -> str:
   return ".".join(out)
 
 
+def flax_layout_axes(leaf: str, ndim: int) -> tuple[int, ...] | None:
+  """The transpose taking a PyTorch tensor to the Flax leaf's layout, None when it is the same."""
+  if leaf == "kernel" and ndim == 4:
+    return (2, 3, 1, 0)  # [O, I, kh, kw] -> [kh, kw, I, O]
+  if leaf == "kernel" and ndim == 2:
+    return (1, 0)  # [out, in] -> [in, out]
+  return None
+
+
 def _to_flax_layout(leaf: str, value: np.ndarray) -> np.ndarray:
-  if leaf == "kernel" and value.ndim == 4:
-    return np.transpose(value, (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
-  if leaf == "kernel" and value.ndim == 2:
-    return value.T  # [out, in] -> [in, out]
-  return value
+  axes = flax_layout_axes(leaf, value.ndim)
+  return value if axes is None else np.transpose(value, axes)
 
 
 def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
@@ -73,26 +80,69 @@ def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 
 # Which Flax leaf receives a PyTorch "weight", by what the Flax module holds.
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
+_IGNORED = tuple(re.compile(p) for p in IGNORED_KEYS)
+
+# Nested dicts <-> {path tuple: leaf}; the names are kept for the modules and tests that use them.
+flatten = traverse_util.flatten_dict
+unflatten = traverse_util.unflatten_dict
 
 
-def flatten(tree: Mapping[str, Any], prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
+def flax_path(key: str, strip_prefix: str = "") -> tuple[str, ...] | None:
+  """The Flax path of a PyTorch key, its leaf still "weight" where the module decides; None for buffers."""
+  if any(p.search(key) for p in _IGNORED):
+    return None
+  short = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
+  return torch_key_to_path(short)
 
 
-def unflatten(flat: Mapping[tuple[str, ...], Any]) -> dict:
-  tree: dict = {}
-  for path, v in flat.items():
-    node = tree
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return tree
+def resolve_weight(path: tuple[str, ...], expected: Mapping[tuple[str, ...], Any]) -> tuple[str, ...]:
+  """A "weight" path -> the leaf the model holds there (kernel, scale or embedding)."""
+  if path[-1] != "weight":
+    return path
+  for leaf in _WEIGHT_LEAVES:
+    if path[:-1] + (leaf,) in expected:
+      return path[:-1] + (leaf,)
+  return path[:-1] + ("kernel",)
+
+
+def guess_weight(path: tuple[str, ...], ndim: int) -> tuple[str, ...]:
+  """`resolve_weight` without the model, from the tensor alone: norms hold 1-D scales, embedding
+  tables sit in modules named `*_embedding`, everything else is a dense or conv kernel. Callers check
+  the guess against the model and redo the few tensors it got wrong."""
+  if path[-1] != "weight":
+    return path
+  if ndim == 1:
+    return path[:-1] + ("scale",)
+  if ndim == 2 and len(path) > 1 and path[-2].endswith("embedding"):
+    return path[:-1] + ("embedding",)
+  return path[:-1] + ("kernel",)
+
+
+def flax_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+  axes = flax_layout_axes(leaf, len(shape))
+  return tuple(shape) if axes is None else tuple(shape[a] for a in axes)
+
+
+def mismatch_error(expected: Mapping[tuple[str, ...], Any], found: Mapping[tuple[str, ...], str],
+                   unexpected: list[str], mismatched: list[str]) -> WeightMismatchError | None:
+  """The error naming every missing, unexpected or mis-shaped key, or None when all match.
+
+  `found` maps each Flax path the checkpoint filled to its PyTorch key."""
+  missing = ["/".join(p) for p in expected if p not in found]
+  if not (unexpected or mismatched or missing):
+    return None
+  lines = []
+  if mismatched:
+    lines.append("shape mismatch: " + "; ".join(mismatched[:20]))
+  if missing:
+    lines.append(f"missing from checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
+  if unexpected:
+    lines.append(f"not in model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
+  return WeightMismatchError("checkpoint does not match the architecture: " + " | ".join(lines))
+
+
+def mismatch_line(key: str, got: tuple[int, ...], want: tuple[int, ...], path: tuple[str, ...]) -> str:
+  return f"{key}: checkpoint {tuple(got)} vs model {tuple(want)} at {'/'.join(path)}"
 
 
 def torch_to_flax(keys: Iterable[str], get_tensor: Callable[[str], np.ndarray], target: Mapping[str, Any], *,
@@ -104,36 +154,28 @@ def torch_to_flax(keys: Iterable[str], get_tensor: Callable[[str], np.ndarray], 
   Raises WeightMismatchError naming every missing, unexpected or mis-shaped key.
   """
   expected = flatten(target)
-  out: dict[tuple[str, ...], np.ndarray] = {}
+  out: dict[tuple[str, ...], Any] = {}
+  found: dict[tuple[str, ...], str] = {}
   unexpected, mismatched = [], []
   for key in keys:
-    if any(re.search(p, key) for p in IGNORED_KEYS):
+    path = flax_path(key, strip_prefix)
+    if path is None:
       continue
-    short = key[len(strip_prefix):] if strip_prefix and key.startswith(strip_prefix) else key
-    path = torch_key_to_path(short)
-    if path[-1] == "weight":
-      candidates = [path[:-1] + (leaf,) for leaf in _WEIGHT_LEAVES if path[:-1] + (leaf,) in expected]
-      path = candidates[0] if candidates else path[:-1] + ("kernel",)
+    path = resolve_weight(path, expected)
     if path not in expected:
       unexpected.append(key)
       continue
     value = _to_flax_layout(path[-1], np.asarray(get_tensor(key)))
     want = tuple(expected[path].shape)
+    found[path] = key
     if value.shape != want:
-      mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {want} at {'/'.join(path)}")
+      mismatched.append(mismatch_line(key, value.shape, want, path))
       continue
     value = value.astype(dtype or expected[path].dtype, copy=False)
     out[path] = convert(value) if convert is not None else value
-  missing = ["/".join(p) for p in expected if p not in out]
-  if unexpected or mismatched or missing:
-    lines = []
-    if mismatched:
-      lines.append("shape mismatch: " + "; ".join(mismatched[:20]))
-    if missing:
-      lines.append(f"missing from checkpoint ({len(missing)}): " + ", ".join(missing[:20]))
-    if unexpected:
-      lines.append(f"not in model ({len(unexpected)}): " + ", ".join(unexpected[:20]))
-    raise WeightMismatchError("checkpoint does not match the architecture: " + " | ".join(lines))
+  error = mismatch_error(expected, found, unexpected, mismatched)
+  if error is not None:
+    raise error
   return unflatten(out)
 
 

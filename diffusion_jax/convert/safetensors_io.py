@@ -1,10 +1,13 @@
-"""Memory-mapped, validating safetensors reader and a small writer.
+"""Memory-mapped, validating safetensors reader; writing goes through the `safetensors` package.
 
-Why not `safetensors.numpy`: it cannot return bfloat16 tensors, and a loader for files from the
-internet should check the header before trusting it. Here the header is validated in full (known
-dtypes, shapes that match their byte ranges, ranges inside the file and not overlapping) before any
-tensor is touched, and tensors are views of one read-only memory map, so importing a model needs
-little more memory than the parameters it produces.
+Why our own reader and not `safetensors.safe_open(..., framework="numpy")`: that one cannot return
+bfloat16, and each `get_tensor` copies the tensor into a fresh array while the mapped file stays
+resident. An import then writes every weight twice (its copy, then the Flax layout: conv and dense
+kernels are transposed) and peaks at about twice the model in resident memory. Here tensors are
+read-only views of one memory map that the importer transposes straight into their final buffers,
+releasing each tensor's pages of the map as it goes (`release`). The header is validated in full
+(known dtypes, shapes that match their byte ranges, ranges inside the file and not overlapping)
+before any tensor is touched, and every refusal names the file.
 """
 from __future__ import annotations
 
@@ -83,12 +86,11 @@ class SafetensorsFile:
   def shape(self, key: str) -> tuple[int, ...]:
     return self._entries[key][1]
 
-  def get_tensor(self, key: str, copy: bool = False) -> np.ndarray:
-    """A read-only view into the memory map, or with `copy=True` a copy whose pages are then released.
+  def dtype(self, key: str) -> np.dtype:
+    return self._entries[key][0]
 
-    Releasing the pages keeps a whole-model import near one copy of the weights in resident memory
-    instead of two (the mapped file plus the arrays made from it).
-    """
+  def get_tensor(self, key: str, copy: bool = False) -> np.ndarray:
+    """A read-only view into the memory map, or with `copy=True` a copy whose pages are then released."""
     dtype, shape, begin, end = self._entries[key]
     if end == begin:
       return np.zeros(shape, dtype)
@@ -98,13 +100,24 @@ class SafetensorsFile:
       return view
     out = np.array(view)
     del view
-    if hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
-      start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
-      try:
-        self._mmap.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
-      except OSError:  # purely an optimisation
-        pass
+    self.release(key)
     return out
+
+  def release(self, key: str) -> None:
+    """Drops the tensor's pages of the map from this process (the page cache keeps them).
+
+    Called once a tensor has been copied out, it keeps a whole-model import near one copy of the
+    weights in resident memory instead of two (the mapped file plus the arrays made from it).
+    """
+    _, _, begin, end = self._entries[key]
+    if end == begin or self._mmap is None or not hasattr(mmap, "MADV_DONTNEED"):
+      return
+    # Pages shared with a neighbour that is still to be read are simply mapped again from the cache.
+    start = (self._data_start + begin) // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+      self._mmap.madvise(mmap.MADV_DONTNEED, start, self._data_start + end - start)
+    except OSError:  # purely an optimisation
+      pass
 
   def close(self):
     """Drops this handle's reference; the map itself closes once no tensor view uses it."""
@@ -115,24 +128,13 @@ class SafetensorsFile:
 def save_file(tensors: Mapping[str, np.ndarray], path: str | os.PathLike,
               metadata: Mapping[str, str] | None = None) -> None:
   """Writes tensors (any dtype in DTYPES, bfloat16 included) as a safetensors file, atomically."""
-  header, offset, arrays = {}, 0, []
-  for key in sorted(tensors):
-    a = np.ascontiguousarray(tensors[key])
+  import safetensors.numpy
+  arrays = {}
+  for key, value in tensors.items():
+    a = np.asarray(value)
     if a.dtype.newbyteorder("<") not in _NAMES and a.dtype not in _NAMES:
       raise TypeError(f"{key}: dtype {a.dtype} cannot be stored in safetensors")
-    a = a.astype(a.dtype.newbyteorder("<"), copy=False)
-    header[key] = {"dtype": _NAMES[a.dtype], "shape": list(a.shape),
-                   "data_offsets": [offset, offset + a.nbytes]}
-    offset += a.nbytes
-    arrays.append(a)
-  if metadata:
-    header["__metadata__"] = dict(metadata)
-  blob = json.dumps(header, separators=(",", ":")).encode()
-  blob += b" " * (-len(blob) % 8)  # keeps tensor data 8-byte aligned, as the reference writer does
+    arrays[key] = np.ascontiguousarray(a)
   tmp = os.fspath(path) + ".tmp"
-  with open(tmp, "wb") as f:
-    f.write(struct.pack("<Q", len(blob)))
-    f.write(blob)
-    for a in arrays:
-      f.write(a.tobytes())
+  safetensors.numpy.save_file(arrays, tmp, metadata=dict(metadata) if metadata else None)
   os.replace(tmp, path)
