@@ -3,8 +3,9 @@
   python benchmarks/attention.py --out benchmarks/results/attention-kernel-xeon.json
 
 Ours, both CPU implementations under `jax.vjp`, compiled in one process with the calls alternating:
-the fused kernel (`diffusion_jax.nn.cpu_attention.attention`, what the UNet runs on the CPU) and the
-XLA tiles (`diffusion_jax.nn.attention.tiled_attention`, the fallback). Torch: `torch.nn.functional.scaled_dot_product_attention` then `backward`,
+the fused kernel (`diffusion_jax.nn.cpu_attention.attention`, attention="cpu_kernel", what
+`diffusion_jax.hardware` chooses on one CPU device) and the XLA tiles
+(`diffusion_jax.nn.attention.tiled_attention`, attention="cpu_tiles", the fallback). Torch: `torch.nn.functional.scaled_dot_product_attention` then `backward`,
 run by the peer's python (diffusers' CPU flash attention kernel is what the torch UNet calls). Both
 take [B, T, heads, Dh] queries and [B, S, heads, Dh] keys and values in float32; times are medians of
 `--repeats` calls after one warm-up, ours and torch in their own subprocesses, and ratios are ours / torch.
@@ -47,7 +48,7 @@ def worker_ours(shape: str, repeats: int) -> dict:
   """Median ms of the forward and backward of both our CPU attentions at one shape, calls alternating."""
   import jax
 
-  from diffusion_jax import xla_options
+  import diffusion_jax
   from diffusion_jax.nn import attention, cpu_attention
 
   b, t, n, dh, s = (int(v) for v in shape.split(","))
@@ -62,8 +63,7 @@ def worker_ours(shape: str, repeats: int) -> dict:
     def forward_and_backward(q, k, v, d_out):
       _, vjp = jax.vjp(fn, q, k, v)
       return vjp(d_out)
-    return jax.jit(forward_and_backward, compiler_options=xla_options.compiler_options()).lower(
-        q, k, v, d_out).compile()
+    return diffusion_jax.jit(forward_and_backward).lower(q, k, v, d_out).compile()
 
   programs = {name: compiled(fn) for name, fn in implementations.items()}
   result = {f"{name}_ms": ms for name, ms in common.alternate(programs, (q, k, v, d_out), repeats).items()}

@@ -5,7 +5,6 @@ configuration's compiled programs and buffers never slow down the next.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import subprocess
@@ -41,23 +40,6 @@ def alternate(programs: dict, args: tuple, repeats: int) -> dict:
       jax.block_until_ready(program(*args))
       times[name].append((time.perf_counter() - start) * 1e3)
   return {name: float(np.median(t)) for name, t in times.items()}
-
-
-@contextlib.contextmanager
-def patched(module, **values):
-  """Sets those of `module`'s attributes that exist to `values` for the block, then restores them.
-
-  Attributes the module lacks are skipped: older revisions of the package, benchmarked for comparison.
-  Settings read while tracing take effect in programs traced inside the block.
-  """
-  saved = {name: getattr(module, name) for name in values if hasattr(module, name)}
-  for name in saved:
-    setattr(module, name, values[name])
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      setattr(module, name, value)
 
 
 def start_on_cpu(parser, what: str):

@@ -64,11 +64,12 @@ def unet_programs(name: str, options: dict, repeats: int, train: bool) -> dict:
   from flax.linen import meta
 
   import unet as unet_bench
-  from diffusion_jax import xla_options
+  from diffusion_jax import hardware, xla_options
   from diffusion_jax.nn.unet import UNet, UNetConfig
 
   ref_cfg, batch, seq = unet_bench.CONFIGS[name]
-  model = UNet(UNetConfig(**ref_cfg, remat=unet_bench.DEFAULT_REMAT[name]))
+  # The implementation choices the pipeline and training make for these devices.
+  model = UNet(hardware.configure(UNetConfig(**ref_cfg, remat=unet_bench.DEFAULT_REMAT[name]), force=True))
   size = ref_cfg["sample_size"]
   x = jax.random.normal(jax.random.key(1), (batch, size, size, 4))
   t = jnp.arange(batch) * 7

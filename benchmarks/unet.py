@@ -10,6 +10,11 @@ timing script (/work/shared/bench/peer_unet.py) unchanged in their own virtual e
 python is missing is skipped with the reason recorded. Times are medians of `--repeats` calls after one
 warm-up, as in the peers' script. Ratios are ours / peer (below 1: we are faster).
 
+Ours runs twice: compiled as the pipeline and train.py compile theirs (the model's implementation choices
+from `diffusion_jax.hardware` for these devices, the project's XLA options, donated train state), and as
+a user's own `jax.jit` of `model.apply` and of an AdamW step (the same model, no compiler options, no
+donation): "plain_jit" in the results, with configured / plain ratios.
+
 With `--rounds N` the sequence (ours, then each peer) runs N times per configuration, so every peer
 figure has one of ours measured minutes from it; the entry then holds each round and, per system, the
 median of the rounds' times, and the ratios are medians of the per-round ratios. This shared machine's
@@ -75,8 +80,8 @@ def worker_ceiling(repeats: int) -> dict:
 
 
 def reference_flops(fn, *args) -> float | None:
-  """XLA's FLOP count of `fn` with attention as one softmax over [B, N, T, S] (jax.nn.dot_product_attention)
-  and the feed-forward in one piece.
+  """XLA's FLOP count of `fn` (a model built with attention "xla" and the feed-forward in one piece, so
+  that attention is one softmax over [B, N, T, S]).
 
   XLA's cost analysis counts a loop body once, so the tiled attention and the chunked feed-forward
   (loops over tiles and chunks) would be under-counted; the count is taken on the lowered
@@ -84,12 +89,7 @@ def reference_flops(fn, *args) -> float | None:
   calls have no FLOP count either.
   """
   import jax
-
-  from diffusion_jax.nn import attention
-  with common.patched(attention, tiled_attention=lambda q, k, v, *_: jax.nn.dot_product_attention(q, k, v),
-                      CPU_IMPLEMENTATION="tiles", CPU_FF_CHUNK_ELEMENTS=1 << 62, GPU_IMPLEMENTATION=None):
-    # A new function each time: jit would reuse a trace of `fn` made before the patches.
-    return common.flops_of(jax.jit(lambda *a: fn(*a)).lower(*args))
+  return common.flops_of(jax.jit(fn).lower(*args))
 
 
 def normal_params(abstract):
@@ -113,8 +113,12 @@ def device_peak_gb() -> float | None:
 
 
 def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: bool, batch: int | None = None,
-                gpu_attention: str = "cudnn") -> dict:
-  """Our UNet on one configuration: compile times, forward and train-step medians, FLOPs, peak memory."""
+                attention: str = "auto", plain: bool = False) -> dict:
+  """Our UNet on one configuration: compile times, forward and train-step medians, FLOPs, peak memory.
+
+  `plain`: compiled as a user's own `jax.jit` (no compiler options, no donation), FLOPs not counted.
+  """
+  import dataclasses
   import time
 
   import flax
@@ -124,10 +128,12 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   from flax.linen import meta
 
   from diffusion_jax import xla_options
-  from diffusion_jax.nn import attention
   from diffusion_jax.nn.unet import UNet, UNetConfig
+  try:
+    from diffusion_jax import hardware
+  except ImportError:  # an older revision of the package (--pythonpath), whose modules choose for themselves
+    hardware = None
 
-  attention.GPU_IMPLEMENTATION = None if gpu_attention == "xla" else gpu_attention
   began = time.perf_counter()
 
   def progress(stage: str) -> None:  # on stderr, so that a run stopped part-way still says how far it got
@@ -137,9 +143,15 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
 
   ref_cfg, default_batch, seq = CONFIGS[name]
   batch = batch or default_batch
-  cfg = UNetConfig(**ref_cfg, remat=remat)
   dtype = jnp.dtype(dtype_name)
-  model = UNet(cfg, dtype=dtype)
+  if hardware is None:
+    cfg = UNetConfig(**ref_cfg, remat=remat)
+    counted = cfg
+  else:  # the implementation choices the pipeline and training make for these devices (or `attention`)
+    cfg = hardware.configure(UNetConfig(**ref_cfg, remat=remat), jax.devices(), dtype, force=True)
+    cfg = cfg if attention == "auto" else dataclasses.replace(cfg, attention=attention)
+    counted = dataclasses.replace(cfg, attention="xla", ff_chunk_elements=0)  # for reference_flops
+  model, counted = UNet(cfg, dtype=dtype), UNet(counted, dtype=dtype)
   size = ref_cfg["sample_size"]
   x = jax.random.normal(jax.random.key(1), (batch, size, size, 4), jnp.float32)
   t = jnp.arange(batch) * 7
@@ -153,7 +165,8 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   key = jax.random.key(0)
   abstract = jax.eval_shape(init, key)
   out = {"system": "ours", "size": name, "batch": batch, "jax": jax.__version__, "flax": flax.__version__,
-         "devices": str(jax.devices()[0]), "gpu_attention": gpu_attention,
+         "devices": str(jax.devices()[0]), "compiled": "plain jax.jit" if plain else "configured",
+         "choices": {f: getattr(cfg, f) for f in hardware.FIELDS} if hardware else None,
          "params": sum(v.size for v in jax.tree.leaves(abstract)), "dtype": dtype_name, "remat": remat,
          "xla_flags": os.environ.get("XLA_FLAGS", ""), "glibc_tunables": os.environ.get("GLIBC_TUNABLES", "")}
 
@@ -162,15 +175,21 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
     compiled = fn.lower(*args).compile()
     return compiled, time.perf_counter() - start
 
-  # Compiled as the pipeline and train.py compile theirs.
-  out["fwd_compiler_options"] = options = xla_options.compiler_options()
-  forward = jax.jit(lambda p, x, t, c: model.apply({"params": p}, x, t, c), compiler_options=options)
+  def forward_of(m):
+    return lambda p, x, t, c: m.apply({"params": p}, x, t, c)
+
+  if plain:
+    forward = jax.jit(forward_of(model))
+  else:
+    out["fwd_compiler_options"] = xla_options.compiler_options()
+    forward = diffusion_jax_jit(forward_of(model))
   forward_c, out["fwd_compile_s"] = compile_timed(forward, abstract, x, t, context)
   progress(f"forward compiled in {out['fwd_compile_s']:.1f} s")
   out["peak_rss_gb_after_fwd_compile"] = common.peak_rss_gb()
-  out["fwd_flops_xla_loops_once"] = common.flops_of(forward_c)
-  out["fwd_flops"] = reference_flops(lambda p: model.apply({"params": p}, x, t, context), abstract)
-  progress("forward FLOPs counted")
+  if not plain:
+    out["fwd_flops_xla_loops_once"] = common.flops_of(forward_c)
+    out["fwd_flops"] = reference_flops(forward_of(counted), abstract, x, t, context)
+    progress("forward FLOPs counted")
   if jax.default_backend() == "cpu":
     params = jax.jit(init)(key)
   else:  # Flax's init (every initialiser in one program) is slow to compile; speed there ignores the values
@@ -185,24 +204,30 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
 
   tx = optax.adamw(1e-4, weight_decay=0.01)  # torch.optim.AdamW's defaults, as the torch peer
 
-  def loss_fn(p):
-    return jnp.mean((model.apply({"params": p}, x, t, context) - x) ** 2)
+  def train_step_of(m):
+    def loss_fn(p):
+      return jnp.mean((m.apply({"params": p}, x, t, context) - x) ** 2)
 
-  def train_step(p, opt_state):
-    loss, grads = jax.value_and_grad(loss_fn)(p)
-    updates, opt_state = tx.update(grads, opt_state, p)
-    return optax.apply_updates(p, updates), opt_state, loss
+    def train_step(p, opt_state):
+      loss, grads = jax.value_and_grad(loss_fn)(p)
+      updates, opt_state = tx.update(grads, opt_state, p)
+      return optax.apply_updates(p, updates), opt_state, loss
+    return train_step
 
   abstract_state = (abstract, jax.eval_shape(tx.init, abstract))
-  # Donating parameters and optimizer state lets XLA update them in place (no second copy).
-  options = xla_options.compiler_options(DEFAULT_SCHEDULER[name])  # as train.py compiles its step
-  out["train_compiler_options"] = options
-  step_c, out["train_compile_s"] = compile_timed(
-      jax.jit(train_step, donate_argnums=(0, 1), compiler_options=options), *abstract_state)
+  if plain:
+    step = jax.jit(train_step_of(model))
+  else:
+    # Donating parameters and optimizer state lets XLA update them in place (no second copy); the
+    # scheduler as train.py compiles its step.
+    out["train_compiler_options"] = xla_options.compiler_options(DEFAULT_SCHEDULER[name])
+    step = diffusion_jax_jit(train_step_of(model), scheduler=DEFAULT_SCHEDULER[name], donate_argnums=(0, 1))
+  step_c, out["train_compile_s"] = compile_timed(step, *abstract_state)
   progress(f"train step compiled in {out['train_compile_s']:.1f} s")
-  out["train_flops_xla_loops_once"] = common.flops_of(step_c)
-  out["train_flops"] = reference_flops(train_step, *abstract_state)
-  progress("train step FLOPs counted")
+  if not plain:
+    out["train_flops_xla_loops_once"] = common.flops_of(step_c)
+    out["train_flops"] = reference_flops(train_step_of(counted), *abstract_state)
+    progress("train step FLOPs counted")
   out["peak_rss_gb_after_train_compile"] = common.peak_rss_gb()
   state = [params, jax.jit(tx.init)(params)]
   del params
@@ -219,6 +244,17 @@ def worker_ours(name: str, repeats: int, remat: str, dtype_name: str, train: boo
   return out
 
 
+def diffusion_jax_jit(fn, **kwargs):
+  """`diffusion_jax.jit`, or for older revisions of the package (--pythonpath) jax.jit with their options."""
+  import diffusion_jax
+  if hasattr(diffusion_jax, "jit"):
+    return diffusion_jax.jit(fn, **kwargs)
+  import jax
+
+  from diffusion_jax import xla_options
+  return jax.jit(fn, compiler_options=xla_options.compiler_options(kwargs.pop("scheduler", "default")), **kwargs)
+
+
 # ---------------------------------------------------------------------------------------------- parent
 def guarded(system: str, name: str, run) -> dict:
   """Runs a worker once enough memory is free; records the load average it started under."""
@@ -229,14 +265,14 @@ def guarded(system: str, name: str, run) -> dict:
   return {**run(), "load_average_at_start": load}
 
 
-def run_ours(args, name: str) -> dict:
-  argv = [sys.executable, os.path.abspath(__file__), "--worker", "ours", "--configs", name,
+def run_ours(args, name: str, plain: bool = False) -> dict:
+  argv = [sys.executable, os.path.abspath(__file__), "--worker", "plain" if plain else "ours", "--configs", name,
           "--repeats", str(args.repeats), "--remat", args.remat or DEFAULT_REMAT[name], "--dtype", args.dtype]
   if args.batch:
     argv += ["--batch", str(args.batch)]
   if args.no_train:
     argv.append("--no-train")
-  argv += ["--gpu-attention", args.gpu_attention]
+  argv += ["--attention", args.attention]
   env = {"XLA_FLAGS": args.xla_flags} if args.xla_flags is not None else {}
   if args.pythonpath:  # another revision of the package (e.g. a baseline), ahead of the installed one
     env["PYTHONPATH"] = os.pathsep.join([args.pythonpath, os.environ.get("PYTHONPATH", "")])
@@ -279,6 +315,11 @@ def run_round(args, name: str, peers: list[str], ceiling_gflops, round_index: in
   print(f"# {name}: ours{label}", file=sys.stderr, flush=True)
   entry = {"ours": guarded("ours", name, lambda: run_ours(args, name))}
   entry["ours"].update(derived(entry["ours"], ceiling_gflops))
+  if not args.no_plain:
+    print(f"# {name}: ours, plain jax.jit{label}", file=sys.stderr, flush=True)
+    plain = guarded("ours", name, lambda: run_ours(args, name, plain=True))
+    entry["ours"]["plain_jit"] = plain
+    entry["ours"]["configured_over_plain_jit"] = ratios(entry["ours"], plain)
   for peer in peers:
     print(f"# {name}: diffusers-{peer}{label}", file=sys.stderr, flush=True)
     python = args.peer_torch_python if peer == "torch" else args.peer_flax_python
@@ -326,7 +367,10 @@ def main():
   parser.add_argument("--dtype", default="float32", help="our compute dtype")
   parser.add_argument("--xla-flags", default=None, help="XLA_FLAGS for our worker (default: inherited)")
   parser.add_argument("--no-train", action="store_true", help="forward only")
-  parser.add_argument("--gpu-attention", default="cudnn", help="on a GPU: 'cudnn' (fused, 16-bit) or 'xla'")
+  parser.add_argument("--attention", default="auto",
+                      help="our UNet's attention: 'auto' (diffusion_jax.hardware's choice for these devices), "
+                           "'xla', 'cudnn', 'cpu_kernel' or 'cpu_tiles'")
+  parser.add_argument("--no-plain", action="store_true", help="skip the plain jax.jit figures")
   parser.add_argument("--batch", type=int, default=None, help="our batch size (default: the configuration's)")
   parser.add_argument("--pythonpath", default=None, help="directory holding another diffusion_jax to time as ours")
   parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results", "unet.json"))
@@ -338,11 +382,11 @@ def main():
 
   if args.worker == "ceiling":
     return common.emit(worker_ceiling(args.repeats))
-  if args.worker == "ours":
+  if args.worker in ("ours", "plain"):
     from diffusion_jax import host_memory
     host_memory.reexec_with_huge_pages()  # as train.py and sample.py do
     return common.emit(worker_ours(names[0], args.repeats, args.remat or DEFAULT_REMAT[names[0]], args.dtype,
-                                   not args.no_train, args.batch, args.gpu_attention))
+                                   not args.no_train, args.batch, args.attention, plain=args.worker == "plain"))
 
   peers = [p for p in args.peers.split(",") if p]
   result = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),

@@ -2,8 +2,9 @@
 
   python benchmarks/upsample.py --out benchmarks/results/upsample.json
 
-`diffusion_jax.nn.layers.UpsampleConv` (nearest x2 upsampling, then a 3x3 conv) picks its form by input
-size on the CPU (`CPU_UPSAMPLE_CONV_MIN_SIDE`). This script compiles both forms of the layer
+`diffusion_jax.nn.layers.UpsampleConv` (nearest x2 upsampling, then a 3x3 conv) takes its form by input
+size (its `conv_min_side`; `diffusion_jax.hardware.CPU_UPSAMPLE_CONV_MIN_SIDE` on the CPU). This script
+compiles both forms of the layer
 in one process and alternates the calls; times are medians, ratios are convolution / matmuls (below 1:
 the convolution is faster). "forward_and_gradients" is the layer's forward pass and its gradients with
 respect to input and parameters, as in a train step.
@@ -34,31 +35,30 @@ def both_forms(batch: int, size: int, channels: int, repeats: int) -> dict:
   import jax.numpy as jnp
   from flax.linen import meta
 
-  from diffusion_jax import xla_options
+  import diffusion_jax
   from diffusion_jax.nn import layers
 
   x = jax.random.normal(jax.random.key(0), (batch, size, size, channels))
-  module = layers.UpsampleConv(channels)
-  params = meta.unbox(jax.eval_shape(module.init, jax.random.key(1), x))
+  forms = {"convolution": layers.UpsampleConv(channels, conv_min_side=1),
+           "matmuls": layers.UpsampleConv(channels, conv_min_side=0)}
+  params = meta.unbox(jax.eval_shape(forms["matmuls"].init, jax.random.key(1), x))
   params = jax.tree.map(lambda a: 0.05 * jax.random.normal(jax.random.key(2), a.shape), params)
 
-  def forward(p, x):  # [B, H, W, C] -> [B, 2H, 2W, C]
-    return module.apply(p, x)
+  def forward(module):  # [B, H, W, C] -> [B, 2H, 2W, C]
+    return module.apply
 
-  def forward_and_gradients(p, x):
-    y, vjp = jax.vjp(forward, p, x)
-    return (y, *vjp(jnp.sin(y)))
+  def forward_and_gradients(module):
+    def fn(p, x):
+      y, vjp = jax.vjp(module.apply, p, x)
+      return (y, *vjp(jnp.sin(y)))
+    return fn
 
   out = {"shape": [batch, size, size, channels]}
   kinds = {"forward": forward}
   if (batch, size, channels) not in FORWARD_ONLY:
     kinds["forward_and_gradients"] = forward_and_gradients
-  for kind, fn in kinds.items():
-    programs = {}
-    for form, min_side in (("convolution", size), ("matmuls", size + 1)):
-      with common.patched(layers, CPU_UPSAMPLE_CONV_MIN_SIDE=min_side):
-        programs[form] = jax.jit(lambda p, x, fn=fn: fn(p, x),
-                                 compiler_options=xla_options.compiler_options()).lower(params, x).compile()
+  for kind, make in kinds.items():
+    programs = {form: diffusion_jax.jit(make(module)).lower(params, x).compile() for form, module in forms.items()}
     ms = common.alternate(programs, (params, x), repeats)
     out[kind] = {"convolution_ms": round(ms["convolution"], 2), "matmuls_ms": round(ms["matmuls"], 2),
                  "convolution_over_matmuls": round(ms["convolution"] / ms["matmuls"], 3)}
@@ -72,9 +72,9 @@ def main():
   args = parser.parse_args()
 
   jax = common.start_on_cpu(parser, "the CPU forms of the layer")
-  from diffusion_jax.nn import layers
+  from diffusion_jax import hardware
   result = {"jax": jax.__version__, "load_average_at_start": common.load_average(),
-            "cpu_upsample_conv_min_side": layers.CPU_UPSAMPLE_CONV_MIN_SIDE, "shapes": []}
+            "cpu_upsample_conv_min_side": hardware.CPU_UPSAMPLE_CONV_MIN_SIDE, "shapes": []}
   for batch, size, channels in SHAPES:
     row = both_forms(batch, size, channels, args.repeats)
     print(row, flush=True)
