@@ -43,7 +43,7 @@ def parse_args(argv=None):
   p.add_argument("--allow-pickle", action="store_true",
                  help="allow loading .bin/.ckpt pickle weights (runs code from the file: trusted files only)")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/diffusion_jax/xla"),
-                 help="compilation caches (XLA's, and the compiled generation programs in programs/), so a "
+                 help="compilation caches (XLA's, and the traced generation programs in programs/), so a "
                       "second run of the same shape skips tracing and compiling ('' disables them, and keeps no build "
                       "of the CPU attention kernel)")
   p.add_argument("--huge-pages", action="store_true",
@@ -107,14 +107,14 @@ def main(argv=None):
   from diffusion_jax.diffusion import samplers
   from diffusion_jax.nn import cpu_attention
 
-  if not args.cache_dir:
-    cpu_attention.keep_builds_in(None)  # the CPU attention kernel is built afresh and kept nowhere
-
   if args.sampler not in samplers.SAMPLERS:
     fail(f"unknown sampler {args.sampler!r}; choose one of {', '.join(samplers.SAMPLERS)}")
   dtype = args.dtype or ("float32" if jax.default_backend() == "cpu" else "bfloat16")
   try:
-    pipe = dj.Pipeline.from_pretrained(args.model, dtype=jnp.dtype(dtype), allow_pickle=args.allow_pickle)
+    # Without a cache directory the CPU attention kernel is built afresh and kept nowhere.
+    build = cpu_attention.BuildSettings() if args.cache_dir else cpu_attention.BuildSettings(cache_dir=None)
+    pipe = dj.Pipeline.from_pretrained(args.model, dtype=jnp.dtype(dtype), allow_pickle=args.allow_pickle,
+                                       kernel_build=build)
   except (OSError, ValueError, RuntimeError) as e:
     fail(str(e))
   if args.cache_dir:

@@ -23,13 +23,16 @@ from typing import Any, Callable, Protocol, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from diffusion_jax import parallel, xla_options
+from diffusion_jax import hardware, parallel, xla_options
 from diffusion_jax.convert import diffusers as dconv
+from diffusion_jax.data.transforms import as_rgb_uint8, to_model_pixels, to_uint8
 from diffusion_jax.diffusion import guidance, samplers
 from diffusion_jax.diffusion.schedules import SchedulerConfig
 from diffusion_jax.nn import autoencoder as ae
+from diffusion_jax.nn import cpu_attention
 from diffusion_jax.program_cache import ProgramCache
 from diffusion_jax.tokenizer import CLIPTokenizer
 
@@ -38,36 +41,12 @@ from diffusion_jax.tokenizer import CLIPTokenizer
 NetFn = Callable[..., jax.Array]
 
 
-def _as_array(image, mode: str, name: str) -> np.ndarray:
-  """A path or PIL image -> array in PIL `mode` ("RGB" or "L"); arrays pass through."""
-  from PIL import Image
-  if isinstance(image, (str, os.PathLike)):
-    try:
-      with Image.open(image) as im:
-        return np.asarray(im.convert(mode))
-    except (OSError, ValueError) as e:
-      raise ValueError(f"cannot read {name} {os.fspath(image)!r}: {e}") from None
-  if isinstance(image, Image.Image):
-    return np.asarray(image.convert(mode))
-  return np.asarray(image)
-
-
-def _to_rgb_array(image, name: str) -> np.ndarray:
-  """uint8 [N, H, W, 3] from a PIL image, a path, or an array (uint8 or float in [0, 1])."""
-  image = _as_array(image, "RGB", name)
-  if image.dtype != np.uint8:
-    image = np.round(np.clip(image.astype(np.float32), 0, 1) * 255).astype(np.uint8)
-  if image.ndim == 3:
-    image = image[None]
-  if image.ndim != 4 or image.shape[-1] != 3:
-    raise ValueError(f"{name} must be [N, H, W, 3] RGB, got shape {image.shape}")
-  return image
-
-
 def _to_mask_array(mask, name: str = "mask") -> np.ndarray:
-  """float32 [N, H, W] in {0, 1} (1 = repaint) from a PIL image, a path or an array."""
-  mask = _as_array(mask, "L", name)
-  if mask.ndim == 4:
+  """float32 [N, H, W] in {0, 1} (1 = repaint) from a PIL image, a path or an array ([N,] H, W[, C])."""
+  if isinstance(mask, (str, os.PathLike, Image.Image)):
+    mask = as_rgb_uint8(mask, name)
+  mask = np.asarray(mask)
+  if mask.ndim == 4 or (mask.ndim == 3 and mask.shape[-1] in (1, 3)):
     mask = mask[..., 0]
   if mask.ndim == 2:
     mask = mask[None]
@@ -159,13 +138,16 @@ class Pipeline:
 
   # ---------------------------------------------------------------- loading and saving
   @classmethod
-  def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, allow_pickle: bool = False) -> "Pipeline":
+  def from_pretrained(cls, path: str | os.PathLike, *, dtype: Any = None, allow_pickle: bool = False,
+                      kernel_build: cpu_attention.BuildSettings | None = None) -> "Pipeline":
     """Loads a diffusers-format directory, or a training run directory (its exported `model/`).
 
     Returns the pipeline that `model_index.json`'s `_class_name` names (see `PIPELINES`); a class
     this package does not implement is refused, naming it. `dtype` is the compute dtype (parameters
     stay float32); components missing from the directory are None, so a directory with only `unet/`
-    loads the UNet alone.
+    loads the UNet alone. How the models run (attention kernel, chunking, upsampling form) is chosen
+    once here for `jax.devices()` (`hardware.configure`); `kernel_build` says how the CPU attention
+    kernel is built where it is chosen.
     """
     path = os.fspath(path)
     if not os.path.isdir(path):
@@ -184,6 +166,10 @@ class Pipeline:
       if name in present:
         configs[name], modules[name], params[name] = dconv.load_component(
             path, name, dtype=dtype, allow_pickle=allow_pickle)
+        chosen = hardware.configure(configs[name], jax.devices(), dtype or jnp.float32, force=True,
+                                    build=kernel_build)
+        if chosen is not configs[name]:
+          configs[name], modules[name] = chosen, modules[name].clone(config=chosen)
     tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")) if "tokenizer" in present else None
     scheduler = SchedulerConfig()
     if "scheduler" in present:
@@ -268,9 +254,7 @@ class Pipeline:
     else:
       images = program(self._replicated_params(), arrays, key)
     images = np.asarray(images)[:request.num_images]
-    if output_type == "np":
-      return images
-    return np.round(images * 255).astype(np.uint8)
+    return images if output_type == "np" else to_uint8(images, (0.0, 1.0))
 
   def _prepare(self, prompt, negative_prompt, *, num_inference_steps, guidance_scale, sampler, seed, num_images,
                height, width, latents, image, strength, mask, guidance_rescale, progress,
@@ -291,9 +275,9 @@ class Pipeline:
 
     arrays: dict = {}
     if image is not None:
-      init = _per_image(_to_rgb_array(image, "init image"), n, "init image")
+      init = _per_image(as_rgb_uint8(image, "init image"), n, "init image")
       height, width = init.shape[1:3]
-      arrays["image"] = jnp.asarray(init, jnp.float32) / 127.5 - 1.0  # [N, H, W, 3]
+      arrays["image"] = jnp.asarray(to_model_pixels(init))  # [N, H, W, 3] in [-1, 1]
     height = height or self.default_size
     width = width or self.default_size
     f = self.latent_factor

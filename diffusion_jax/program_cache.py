@@ -48,7 +48,7 @@ _ENV_PREFIXES = ("XLA_", "LIBTPU_", "TPU_", "JAX_")
 _PACKAGE = __name__.split(".")[0]
 # The package's own custom calls (the CPU attention kernel): `jax.export` accepts only targets it
 # knows to be stable unless told; ours are versioned with the package's source, which the key covers.
-_OWN_CUSTOM_CALLS = tuple(export.DisabledSafetyCheck.custom_call(name) for name in cpu_attention._TARGETS.values())
+_OWN_CUSTOM_CALLS = tuple(export.DisabledSafetyCheck.custom_call(name) for name in cpu_attention.FFI_TARGETS)
 
 
 class NotDescribable(TypeError):
@@ -220,6 +220,14 @@ class _CachedProgram:
           exported = export.export(self._jitted, disabled_checks=_OWN_CUSTOM_CALLS)(*args)
           self._cache.save(path, exported)
         # Both processes compile this same program, so XLA's persistent cache serves the second.
-        program = jax.jit(exported.call, compiler_options=self._compiler_options)
+        program = jax.jit(_named(exported.call, exported.fun_name), compiler_options=self._compiler_options)
       self._by_path[path] = self._by_call_key[call_key] = program
     return program(*args)
+
+
+def _named(fn: Callable, name: str) -> Callable:
+  """`fn` under `name`, which jit gives the program (and XLA's cache its entry)."""
+  def call(*args):
+    return fn(*args)
+  call.__name__ = call.__qualname__ = name
+  return call
