@@ -39,6 +39,7 @@ from diffusion_jax.util import warn_once
 _SOURCE = os.path.join(os.path.dirname(__file__), "kernels", "attention_cpu.cc")
 _FLAGS = ("-O3", "-std=c++17", "-fPIC", "-shared", "-fno-math-errno", "-w")
 _TARGETS = {"forward": "DiffusionJaxAttentionForward", "backward": "DiffusionJaxAttentionBackward"}
+FFI_TARGETS = tuple(_TARGETS.values())  # the custom-call names in programs that run the kernel
 # The FFI targets the kernel registers: programs that call them name them (e.g. for `jax.export`).
 FFI_TARGETS = tuple(_TARGETS.values())
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "diffusion_jax", "kernels")
