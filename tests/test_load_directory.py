@@ -111,3 +111,31 @@ def test_pickle_weights_need_consent(sd_dir, tmp_path):
     assert json.load(f)["latent_channels"] == 4
   state = _reference_state(sd_dir, "vae")
   np.testing.assert_array_equal(loaded[("decoder", "conv_out", "bias")], state["decoder.conv_out.bias"])
+
+
+def test_half_precision_files_load_into_float32_params(sd_dir, tmp_path):
+  from safetensors.numpy import load_file, save_file
+
+  from diffusion_jax.convert import diffusers as dconv
+  from diffusion_jax.convert.keys import flatten
+  shutil.copytree(os.path.join(sd_dir, "unet"), tmp_path / "unet")
+  weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
+  half = {k: v.astype(np.float16) for k, v in load_file(weights).items()}
+  save_file(half, weights)
+  got = flatten(dconv.load_directory(tmp_path).params["unet"])
+  assert got[("conv_in", "kernel")].dtype == np.float32
+  np.testing.assert_array_equal(got[("conv_in", "kernel")], half["conv_in.weight"].astype(np.float32).transpose(2, 3, 1, 0))
+
+
+def test_parameter_shapes_are_cached_and_a_bad_cache_is_ignored(sd_dir, tmp_path, monkeypatch):
+  from diffusion_jax.convert import diffusers as dconv
+  monkeypatch.setenv("DIFFUSION_JAX_SHAPE_CACHE", str(tmp_path / "shapes"))
+  first = dconv.load_directory(sd_dir, ["vae"]).params
+  files = os.listdir(tmp_path / "shapes")
+  assert len(files) == 1 and files[0].startswith("vae-")
+  second = dconv.load_directory(sd_dir, ["vae"]).params  # shapes read back, not traced
+  import jax
+  assert jax.tree.structure(first) == jax.tree.structure(second)
+  (tmp_path / "shapes" / files[0]).write_text("[[\"garbage")
+  third = dconv.load_directory(sd_dir, ["vae"]).params
+  assert jax.tree.structure(third) == jax.tree.structure(first)
