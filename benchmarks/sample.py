@@ -5,11 +5,12 @@
 
 For each setting, two processes run one after the other on fresh caches, as sample.py sets them up:
 XLA's persistent compilation cache (jax_compilation_cache_dir) and the pipeline's compiled programs
-(`Pipeline.program_cache_dir`, its programs/ subdirectory). The first process compiles everything
-(cold caches), the second finds the compiled programs there. Each process reports
+(`Pipeline.program_cache_dir`, its programs/ subdirectory: traced programs, `jax.export`). The first
+process traces and compiles everything (cold caches), the second loads the traced programs and finds
+their executables in XLA's cache. Each process reports
 
   - compile_s: tracing + lowering + XLA compilation (or, within it, cache retrieval) of every program,
-    plus storing and loading the pipeline's compiled programs, from jax.monitoring events, and
+    plus storing and loading the pipeline's traced programs, from jax.monitoring events, and
     first_call_s: the first generation, compilation included;
   - total_ms: median of the whole generations after the first (text encoding, 20 guided steps,
     VAE decode, host transfer; `--repeats` generations in all);
@@ -42,7 +43,7 @@ PROMPT = "a large red circle on the left"
 # own) is a part of it, not an addition.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration",
-                  # storing and loading the pipeline's compiled programs (diffusion_jax.program_cache)
+                  # storing and loading the pipeline's traced programs (diffusion_jax.program_cache)
                   "/diffusion_jax/program_cache/save_sec", "/diffusion_jax/program_cache/load_sec")
 REPORTED_EVENTS = COMPILE_EVENTS + ("/jax/compilation_cache/cache_retrieval_time_sec",)
 
@@ -93,10 +94,13 @@ def _random_pipeline(tokenizer, text_cfg, vae_cfg, unet_cfg, scheduler):
   import jax
   import jax.numpy as jnp
 
-  from diffusion_jax import Pipeline
+  from diffusion_jax import Pipeline, hardware
   from diffusion_jax.nn.autoencoder import AutoencoderKL
   from diffusion_jax.nn.text_encoder import TextEncoder
   from diffusion_jax.nn.unet import UNet
+
+  # As Pipeline.from_pretrained chooses them for the devices.
+  vae_cfg, unet_cfg = (hardware.configure(c, jax.devices(), jnp.float32, force=True) for c in (vae_cfg, unet_cfg))
 
   keys = jax.random.split(jax.random.key(0), 3)
   text, vae, net = TextEncoder(text_cfg), AutoencoderKL(vae_cfg), UNet(unet_cfg)
@@ -119,7 +123,8 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   import jax.numpy as jnp
   import numpy as np
 
-  from diffusion_jax import program_cache, xla_options
+  import diffusion_jax as dj
+  from diffusion_jax import program_cache
   assert {program_cache.SAVE_EVENT, program_cache.LOAD_EVENT} <= set(COMPILE_EVENTS)
 
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -156,8 +161,7 @@ def worker(setting: str, run_dir: str | None, num_images: int, repeats: int, cac
   x = jax.random.normal(jax.random.key(1), (2 * num_images, size, size, cfg.in_channels), jnp.float32)
   context = jnp.concatenate([pipe.encode_prompt([""] * num_images), pipe.encode_prompt(prompts)])
   t = jnp.full((2 * num_images,), 500.0, jnp.float32)
-  unet = jax.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c),
-                 compiler_options=xla_options.compiler_options())  # as the pipeline compiles its loop
+  unet = dj.jit(lambda p, x, t, c: pipe.unet.apply({"params": p}, x, t, c))  # as the pipeline compiles its loop
 
   def bare_unet():
     y = x
@@ -196,6 +200,7 @@ def main():
                       help="generations in the first process, per setting (the first one compiles)")
   parser.add_argument("--cache-dir", default=None, help="persistent compilation cache (default: a fresh temp dir)")
   parser.add_argument("--out", default=os.path.join(common.REPO, "benchmarks", "results", "sample.json"))
+  parser.add_argument("--huge-pages", action="store_true", help="run the workers as sample.py --huge-pages does")
   parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
@@ -204,7 +209,8 @@ def main():
 
   if args.worker:
     from diffusion_jax import host_memory
-    host_memory.reexec_with_huge_pages()  # as sample.py does
+    if args.huge_pages:
+      host_memory.reexec_with_huge_pages()  # as sample.py --huge-pages does
     return common.emit(worker(args.worker, args.run, int(counts[args.worker]), int(repeats[args.worker]),
                               args.cache_dir, args.measure))
 
@@ -218,7 +224,8 @@ def main():
     for measure in (True, False):  # cold cache (and the timings), then warm cache
       print(f"# {setting}: {'first' if measure else 'second'} process", file=sys.stderr, flush=True)
       argv = [sys.executable, os.path.abspath(__file__), "--worker", setting, "--run", args.run,
-              "--num-images", args.num_images, "--repeats", args.repeats, "--cache-dir", cache_dir]
+              "--num-images", args.num_images, "--repeats", args.repeats, "--cache-dir", cache_dir,
+              *(["--huge-pages"] if args.huge_pages else [])]
       runs.append(common.run_worker(argv + (["--measure"] if measure else [])))
     first, second = runs
     entry = {"first_process": first, "second_process": second}

@@ -28,10 +28,10 @@ FIELDS = ("attention", "ff_chunk_elements", "upsample_conv_min_side")
 AUTO = "auto"
 
 # CPU feed-forward chunks of [rows, 2 x inner] float32 GEGLU activations this size (2 MiB) stay in the
-# caches instead of going out to memory: the small UNet's train step 0.85-0.88 of its time in one piece.
+# caches instead of going out to memory (benchmarks/unet.py measures the difference).
 CPU_FF_CHUNK_ELEMENTS = 1 << 19
 # From 16x16 inputs on, XLA's CPU convolutions beat the four per-phase matmuls despite the 2x2 form's
-# unused border (SD's VAE upsampling at 128x128x512: 1327 -> 743 ms); at 8x8 they lose from 128 channels on.
+# unused border; at 8x8 they lose from 128 channels on (benchmarks/upsample.py).
 CPU_UPSAMPLE_CONV_MIN_SIDE = 16
 _GPU_PLATFORMS = ("gpu", "cuda")
 

@@ -17,9 +17,8 @@ import jax.numpy as jnp
 
 # Options every program gets, by backend. On the CPU, jaxlib 0.10.2's XLA hands convolutions, matmuls
 # and reductions to YNNPACK; XLA's own convolutions are faster at nearly every UNet and VAE shape
-# measured (0.54-1.01x the time, benchmarks/cpu_convolutions.py), so the list below, what YNNPACK runs,
-# leaves convolutions out: SD 1.5's UNet forward 5.36 instead of 6.49 s on 2 cores. Reductions must stay
-# with YNNPACK (without it, attention's reductions run as slow reduce-window loops).
+# (benchmarks/cpu_convolutions.py), so the list below, what YNNPACK runs, leaves convolutions out.
+# Reductions must stay with YNNPACK (without it, attention's reductions run as slow reduce-window loops).
 BASE = {
     "cpu": {"xla_cpu_experimental_ynn_fusion_type":
             "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"},
@@ -28,9 +27,9 @@ BASE = {
 # Scheduler choices for train steps: {name: {backend: options}} (`config.<stage>.xla_scheduler`).
 # On the CPU, XLA's default scheduler keeps nearly every gradient alive until the last one is
 # computed and runs the optimizer update after; the memory-optimised one updates each parameter as
-# soon as its gradient is ready. SD 1.5's AdamW step (batch 1, 64x64 latents) needs 2.24 GB of
-# temporaries with it instead of 6.05 GB (4.06 instead of 6.76 GB with global-norm clipping, which
-# needs every gradient first); the small UNet's step ran 0-8% slower with it in interleaved runs.
+# soon as its gradient is ready: SD 1.5's AdamW step needs less than half the temporaries with it
+# (less saved with global-norm clipping, which needs every gradient first), at a small cost in speed
+# for small models (benchmarks/unet.py reports both).
 SCHEDULERS = {
     "default": {},
     "memory": {"cpu": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}},

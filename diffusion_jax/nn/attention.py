@@ -12,12 +12,12 @@ from diffusion_jax.nn.layers import Conv, Dense, Dtype, GroupNorm, LayerNorm, Sp
 from diffusion_jax.util import warn_once
 
 
-# Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches: measured best among
-# 2^16..2^22 on SD-sized shapes, about 3x faster than one [B, N, T, S] softmax in memory.
+# Score tiles of this many float32 elements (4 MiB) stay in the CPU's caches, where one [B, N, T, S]
+# softmax would go out to memory (benchmarks/attention.py).
 CPU_TILE_ELEMENTS = 1 << 20
 
-# Fewer rows per feed-forward chunk than this and the loop costs more than the caches save: SD 1.5's
-# forward ran 1.07x slower in 128-row chunks, so its sizes run in one piece.
+# Fewer rows per feed-forward chunk than this and the loop costs more than the caches save (SD 1.5's
+# sizes then run in one piece).
 _MIN_FF_CHUNK_ROWS = 256
 
 # How unmasked, non-causal attention runs (the models' `attention` field; masked or causal attention
