@@ -19,15 +19,16 @@ def get_config():
   ae.update(steps=24, batch_size=8, learning_rate=3e-3, warmup_steps=4, log_every=4, checkpoint_every=8)
   ae.model.block_out_channels = (8, 16)  # 32x32 images <-> 16x16x4 latents
   ae.model.norm_num_groups = 8
-  ae.model.mid_block_attention = False
+  ae.model.mid_block_add_attention = False
   ae.crop_size = 16
   ae.eval_examples = 16
   ae.eval_batch_size = 16
 
   cl = config.clip
   cl.update(steps=24, batch_size=16, learning_rate=2e-3, warmup_steps=4, log_every=4, checkpoint_every=8)
-  cl.model.update(text_width=32, text_layers=1, text_heads=2, vision_width=32, vision_layers=1, vision_heads=2,
-                  patch_size=8, projection_dim=32)
+  cl.model.text.update(hidden_size=32, intermediate_size=128, num_layers=1, num_heads=2)
+  cl.model.vision.update(hidden_size=32, intermediate_size=128, num_layers=1, num_heads=2, patch_size=8)
+  cl.model.projection_dim = 32
   cl.eval_examples = 32
   cl.eval_batch_size = 32
 

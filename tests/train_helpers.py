@@ -12,10 +12,8 @@ import numpy as np
 from diffusion_jax.data import shapes
 from diffusion_jax.diffusion.schedules import SchedulerConfig
 from diffusion_jax.nn import autoencoder as ae
-from diffusion_jax.nn import clip as clip_nn
 from diffusion_jax.nn import unet as unet_lib
 from diffusion_jax.nn.text_encoder import TextEncoder
-from diffusion_jax.train import autoencoder as ae_stage
 from diffusion_jax.train import clip as clip_stage
 from diffusion_jax.train import diffusion as diffusion_stage
 from diffusion_jax.train import optim
@@ -87,15 +85,17 @@ def vae_setup():
 def small_clip_config(width=32):
   config = default_config.get_config()
   config.data.image_size = 16
-  config.clip.model.update(text_width=width, text_layers=1, text_heads=2, vision_width=width, vision_layers=1,
-                           vision_heads=2, patch_size=8, projection_dim=width)
+  config.clip.model.text.update(hidden_size=width, intermediate_size=4 * width, num_layers=1, num_heads=2)
+  config.clip.model.vision.update(hidden_size=width, intermediate_size=4 * width, num_layers=1, num_heads=2,
+                                  patch_size=8)
+  config.clip.model.projection_dim = width
   return config
 
 
 @functools.lru_cache(maxsize=None)
 def diffusion_setup(cached: bool, prediction_type: str = "epsilon", min_snr_gamma: float = 5.0):
   """(loss_fn, unet params, frozen, batch) of a tiny UNet on a tiny random VAE and text encoder."""
-  vae = ae.AutoencoderKL(TINY_VAE)
+  vae = ae.AutoencoderKL(dataclasses.replace(TINY_VAE, scaling_factor=0.5))
   vae_params = init_params(vae, jnp.zeros((1, 16, 16, 3)), seed=1, sample_posterior=False)
   config = default_config.get_config()
   tokenizer = clip_stage.make_tokenizer(config)
@@ -113,7 +113,7 @@ def diffusion_setup(cached: bool, prediction_type: str = "epsilon", min_snr_gamm
   images, captions = shapes_images(4)
   tokens = tokenizer(list(captions))
   empty = tokenizer([""])[0]
-  frozen = {"latent_scale": jnp.float32(0.5)}
+  frozen = {}
   if cached:
     encode = diffusion_stage.vae_encoder(TINY_VAE)
     mean, logvar = encode(vae_params, jnp.asarray(images))

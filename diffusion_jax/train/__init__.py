@@ -6,7 +6,7 @@
   autoencoder.py  stage "autoencoder": reconstruction + KL loss, PSNR evaluation
   clip.py         stage "clip": symmetric InfoNCE, zero-shot and retrieval evaluation
   diffusion.py    stage "diffusion": eps/v loss on frozen VAE latents and text states, caching, sampling
-  stages.py       builds each stage (model, loss, data, evaluation) for the loop
+  stages.py       the stages in one table: name -> builder (model, loss, data, evaluation), checkpoint item
   loop.py         shapes-first init or restore, the jitted step, the loop, checkpoints, metrics
   export.py       atomic diffusers-format export of <workdir>/model
   validate.py     configuration checks made before anything compiles

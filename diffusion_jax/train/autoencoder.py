@@ -18,22 +18,19 @@ import numpy as np
 from diffusion_jax import xla_options
 from diffusion_jax.nn import autoencoder as ae
 from diffusion_jax.train import data as data_lib
-
-COMPONENT = "vae"
+from diffusion_jax.train import validate
 
 
 def model_config(config: Any) -> ae.AutoencoderConfig:
-  """The AutoencoderConfig described by `config.autoencoder.model` (scaling factor 1 until estimated)."""
+  """`AutoencoderConfig(**config.autoencoder.model)`, its image size the data's.
+
+  An unset scaling factor is 1 here; the diffusion stage estimates it from the trained encoder.
+  """
   m = config.autoencoder.model
-  return ae.AutoencoderConfig(
-      block_out_channels=tuple(m.block_out_channels), layers_per_block=int(m.layers_per_block),
-      latent_channels=int(m.latent_channels), norm_num_groups=int(m.norm_num_groups),
-      sample_size=int(config.data.image_size), scaling_factor=1.0,
-      mid_block_add_attention=bool(m.mid_block_attention), remat=bool(m.remat))
-
-
-def make_model(config: Any, dtype=jnp.float32) -> ae.AutoencoderKL:
-  return ae.AutoencoderKL(model_config(config), dtype=dtype)
+  image_size = int(config.data.image_size)
+  scaling = {} if m.scaling_factor is not None else {"scaling_factor": 1.0}
+  return validate.module_config(ae.AutoencoderConfig, m, "autoencoder.model",
+                                {"sample_size": (image_size, "config.data.image_size")}, **scaling)
 
 
 def init_fn(model: ae.AutoencoderKL, image_size: int):

@@ -28,8 +28,8 @@ from diffusion_jax.nn.image_encoder import VisionConfig
 from diffusion_jax.nn.text_encoder import TextEncoderConfig
 from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.train import data as data_lib
+from diffusion_jax.train import validate
 
-COMPONENT = "clip"
 
 # Every word of the `shapes` captions, so that each is one token of the word-level vocabulary.
 SHAPES_WORDS = tuple(dict.fromkeys(
@@ -46,19 +46,20 @@ def make_tokenizer(config: Any) -> CLIPTokenizer:
 
 
 def model_config(config: Any, tokenizer: CLIPTokenizer) -> clip_lib.CLIPConfig:
-  """The CLIPConfig described by `config.clip.model` with the tokenizer's vocabulary and special ids."""
+  """The CLIPConfig spelled by `config.clip.model`, with the tokenizer's vocabulary and special ids."""
   m = config.clip.model
-  text = TextEncoderConfig(
-      vocab_size=tokenizer.vocab_size, hidden_size=int(m.text_width), intermediate_size=int(m.mlp_ratio * m.text_width),
-      num_layers=int(m.text_layers), num_heads=int(m.text_heads), max_position_embeddings=tokenizer.max_length,
-      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-      projection_dim=int(m.projection_dim))
-  vision = VisionConfig(
-      image_size=int(config.data.image_size), patch_size=int(m.patch_size), hidden_size=int(m.vision_width),
-      intermediate_size=int(m.mlp_ratio * m.vision_width), num_layers=int(m.vision_layers),
-      num_heads=int(m.vision_heads), projection_dim=int(m.projection_dim))
-  return clip_lib.CLIPConfig(text=text, vision=vision, projection_dim=int(m.projection_dim),
-                             logit_scale_init_value=float(m.logit_scale_init))
+  projection = (int(m.projection_dim), "config.clip.model.projection_dim")
+  text = validate.module_config(TextEncoderConfig, m.text, "clip.model.text", {
+      "vocab_size": (tokenizer.vocab_size, "the tokenizer's vocabulary size"),
+      "max_position_embeddings": (tokenizer.max_length, "config.clip.max_length"),
+      "eos_token_id": (tokenizer.eos_token_id, "the tokenizer's end token"),
+      "pad_token_id": (tokenizer.pad_token_id, "the tokenizer's padding token"),
+      "bos_token_id": (tokenizer.bos_token_id, "the tokenizer's begin token"),
+      "projection_dim": projection})
+  vision = validate.module_config(VisionConfig, m.vision, "clip.model.vision", {
+      "image_size": (int(config.data.image_size), "config.data.image_size"), "projection_dim": projection})
+  rest = {k: v for k, v in m.items() if k not in ("text", "vision")}
+  return validate.module_config(clip_lib.CLIPConfig, rest, "clip.model", text=text, vision=vision)
 
 
 def init_fn(model: clip_lib.CLIP):

@@ -4,7 +4,7 @@ The VAE and the text encoder come from the earlier stages (the autoencoder and t
 tower) or, for fine-tuning, from a diffusers-format directory (`config.diffusion.init_from`), which
 also supplies the initial UNet, the tokenizer and the noise schedule.
 
-Per example: a posterior sample of the image's latent (scaled by the VAE's scaling factor), a
+Per example: a posterior sample of the image's latent (scaled by `scale_latents`), a
 uniform timestep, Gaussian noise, and with probability `caption_dropout` the empty caption in place
 of the real one (for classifier-free guidance). The UNet predicts eps or v; the loss is the mean
 squared error, optionally min-SNR-gamma weighted. Latents and text states can be computed once for
@@ -15,9 +15,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +35,7 @@ from diffusion_jax.tokenizer import CLIPTokenizer
 from diffusion_jax.train import autoencoder as ae_stage
 from diffusion_jax.train import clip as clip_stage
 from diffusion_jax.train import data as data_lib
-
-COMPONENT = "unet"
+from diffusion_jax.train import validate
 
 
 @dataclasses.dataclass
@@ -68,35 +66,41 @@ def scheduler_config(config: Any, base: SchedulerConfig | None = None) -> Schedu
 
 
 def unet_config(config: Any, latent_channels: int, latent_size: int, context_dim: int) -> unet_lib.UNetConfig:
-  u = config.diffusion.unet
-  return unet_lib.UNetConfig(
-      sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-      block_out_channels=tuple(u.block_out_channels), layers_per_block=int(u.layers_per_block),
-      down_block_types=tuple(u.down_block_types), up_block_types=tuple(u.up_block_types),
-      attention_head_dim=u.attention_head_dim if isinstance(u.attention_head_dim, int)
-      else tuple(u.attention_head_dim),
-      cross_attention_dim=context_dim, norm_num_groups=int(u.norm_num_groups),
-      transformer_layers_per_block=int(u.transformer_layers_per_block),
-      use_linear_projection=bool(u.use_linear_projection), remat=u.remat)
+  """`UNetConfig(**config.diffusion.unet)` with the latent shape and the context width of the frozen encoders."""
+  latents = (latent_channels, "the VAE's latent channels")
+  return validate.module_config(unet_lib.UNetConfig, config.diffusion.unet, "diffusion.unet", {
+      "sample_size": (latent_size, "the latent side (image_size / the VAE's downsampling factor)"),
+      "in_channels": latents, "out_channels": latents,
+      "cross_attention_dim": (context_dim, "the text encoder's width")})
+
+
+def run_fields(cls: type, section: Any) -> dict[str, Any]:
+  """The fields of `section` that apply to a pretrained model: those that leave its parameters as they are
+  (dropout and what diffusers' config does not hold: remat and the implementation choices)."""
+  saved = set(cls().to_diffusers())
+  return {f.name: section[f.name] for f in dataclasses.fields(cls)
+          if f.name in section and (f.name not in saved or f.name == "dropout")}
 
 
 # ------------------------------------------------------------------------------------------ encoders
 
 
-def encoders_from_directory(config: Any) -> Encoders:
-  """VAE, text encoder, tokenizer, schedule and the initial UNet of a diffusers-format directory."""
+def encoders_from_directory(config: Any, configure: Callable = lambda c: c) -> Encoders:
+  """VAE, text encoder, tokenizer, schedule and the initial UNet of a diffusers-format directory.
+
+  The run's config applies what leaves the weights as they are (`run_fields`); `configure` makes the
+  implementation choices of each module config.
+  """
   path = config.diffusion.init_from
-  vae_config, _, vae_params = dconv.load_component(path, "vae")
-  text_config, _, text_params = dconv.load_component(path, "text_encoder")
-  unet_config_, _, unet_params = dconv.load_component(path, "unet")
-  unet_config_ = dataclasses.replace(unet_config_, remat=config.diffusion.unet.remat)
-  tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer"))
-  scheduler = SchedulerConfig()
-  sched_path = os.path.join(path, "scheduler", "scheduler_config.json")
-  if os.path.exists(sched_path):
-    scheduler = SchedulerConfig.from_json_file(sched_path)
-  return Encoders(vae_config, vae_params, text_config, text_params, tokenizer, scheduler_config(config, scheduler),
-                  unet_config_, unet_params)
+  components = ["vae", "text_encoder", "unet", "tokenizer"]
+  if "scheduler" in dconv.available_components(dconv.find_directory(path)):
+    components.append("scheduler")  # else the default schedule
+  loaded = dconv.load_directory(path, components)
+  vae_config = dataclasses.replace(loaded.configs["vae"], **run_fields(ae.AutoencoderConfig, config.autoencoder.model))
+  unet_config_ = dataclasses.replace(loaded.configs["unet"], **run_fields(unet_lib.UNetConfig, config.diffusion.unet))
+  return Encoders(configure(vae_config), loaded.params["vae"], configure(loaded.configs["text_encoder"]),
+                  loaded.params["text_encoder"], loaded.tokenizer, scheduler_config(config, loaded.scheduler),
+                  configure(unet_config_), loaded.params["unet"])
 
 
 @functools.lru_cache(maxsize=8)
@@ -126,18 +130,18 @@ def estimate_scaling_factor(vae_config: ae.AutoencoderConfig, vae_params, record
   return ae.estimate_scaling_factor(jnp.asarray(np.concatenate(means)))
 
 
-def encoders_from_stages(config: Any, carried: dict, mesh) -> Encoders:
-  """The trained autoencoder and the CLIP text tower of this run; the VAE's scaling factor is estimated."""
-  vae_config = ae_stage.model_config(config)
+def encoders_from_stages(config: Any, vae_params, clip_params, mesh, configure: Callable = lambda c: c) -> Encoders:
+  """The trained autoencoder and the CLIP text tower of this run; the VAE's scaling factor is estimated
+  unless config.autoencoder.model sets it. `configure` makes the implementation choices of each module config."""
+  vae_config = configure(ae_stage.model_config(config))
   tokenizer = clip_stage.make_tokenizer(config)
-  clip_config = clip_stage.model_config(config, tokenizer)
-  records = data_lib.read_records(data_lib.source(config, "train"),
-                                  range(int(config.diffusion.scaling_examples)))
-  scale = estimate_scaling_factor(vae_config, carried["vae"], records, mesh,
-                                  int(config.diffusion.encode_batch_size))
-  vae_config = dataclasses.replace(vae_config, scaling_factor=round(scale, 6))
-  return Encoders(vae_config, carried["vae"], clip_config.text, carried["clip"]["text_model"], tokenizer,
-                  scheduler_config(config))
+  text_config = configure(clip_stage.model_config(config, tokenizer).text)
+  if config.autoencoder.model.scaling_factor is None:
+    records = data_lib.read_records(data_lib.source(config, "train"),
+                                    range(int(config.diffusion.scaling_examples)))
+    scale = estimate_scaling_factor(vae_config, vae_params, records, mesh, int(config.diffusion.encode_batch_size))
+    vae_config = dataclasses.replace(vae_config, scaling_factor=round(scale, 6))
+  return Encoders(vae_config, vae_params, text_config, clip_params["text_model"], tokenizer, scheduler_config(config))
 
 
 # ------------------------------------------------------------------------------------------ caching
@@ -218,14 +222,21 @@ def build_cache(config: Any, enc: Encoders, mesh, cache_dir: str) -> CachedLaten
 # ------------------------------------------------------------------------------------------ loss
 
 
+def posterior_latents(keys: jax.Array, mean: jax.Array, logvar: jax.Array,
+                      vae_config: ae.AutoencoderConfig) -> jax.Array:
+  """One draw per example ([B] keys) from the VAE posterior [B, h, w, C], scaled for the diffusion model."""
+  z = mean + jnp.exp(0.5 * logvar) * ae_stage.per_example_normal(keys, mean.shape[1:])
+  return ae.scale_latents(z, vae_config)
+
+
 def make_loss(unet: unet_lib.UNet, vae: ae.AutoencoderKL, text: TextEncoder, scheduler: SchedulerConfig,
               cfg: Any, empty_tokens: np.ndarray):
   """`loss_fn(params, frozen, batch)`.
 
   batch: either latent_mean/latent_logvar [B, h, w, C] (cached) or image [B, H, W, 3]; and either
-  context [B, L, D] (cached) or tokens [B, L]; plus rng [B]. frozen: "latent_scale" (the VAE's
-  scaling factor, an array so that the compiled step does not depend on its value), {"vae",
-  "text_encoder"} params as needed, and "uncond_context" [L, D] when text states are cached.
+  context [B, L, D] (cached) or tokens [B, L]; plus rng [B]. frozen: {"vae", "text_encoder"} params
+  as needed, and "uncond_context" [L, D] when text states are cached. Latents are scaled as
+  `vae.config` says (`scale_latents`).
   """
   alphas_cumprod = jnp.asarray(schedules.alphas_cumprod(scheduler))
   num_timesteps = scheduler.num_train_timesteps
@@ -241,8 +252,7 @@ def make_loss(unet: unet_lib.UNet, vae: ae.AutoencoderKL, text: TextEncoder, sch
       mean, logvar = batch["latent_mean"], batch["latent_logvar"]
     else:
       mean, logvar = vae.apply({"params": frozen["vae"]}, batch["image"], method="encode")
-    posterior = ae_stage.per_example_normal(k_post, mean.shape[1:])
-    x0 = jax.lax.stop_gradient((mean + jnp.exp(0.5 * logvar) * posterior) * frozen["latent_scale"])  # [B, h, w, C]
+    x0 = jax.lax.stop_gradient(posterior_latents(k_post, mean, logvar, vae.config))  # [B, h, w, C]
 
     drop = jax.vmap(lambda k: jax.random.uniform(k) < drop_prob)(k_drop)  # [B]
     if "context" in batch:
@@ -295,6 +305,3 @@ def evaluate(pipe: Pipeline, captions: list[str], cfg: Any, *, score: bool) -> t
     metrics = shapes.evaluate(images, captions)["metrics"]
   return metrics, images
 
-
-def scheduler_json(scheduler: SchedulerConfig) -> str:
-  return json.dumps(scheduler.to_dict(), sort_keys=True)

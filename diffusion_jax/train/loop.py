@@ -25,9 +25,7 @@ import sys
 import time
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -59,8 +57,6 @@ class RunMismatchError(ValueError):
 @dataclasses.dataclass
 class Stage:
   """What a stage builder hands the loop."""
-  name: str  # "autoencoder", "clip" or "diffusion"
-  component: str  # checkpoint item of the trained network: "vae", "clip", "unet"
   cfg: Any  # the stage's config block (steps, batch_size, learning_rate ...)
   init_fn: Callable[[jax.Array], Any]  # rng -> params boxed with logical axis names
   loss_fn: step_lib.LossFn
@@ -72,7 +68,8 @@ class Stage:
   evaluate: Callable[[state_lib.TrainState, int, bool], dict] | None = None
   on_checkpoint: Callable[[state_lib.TrainState, int], None] | None = None  # e.g. export, after each save
   on_finish: Callable[[state_lib.TrainState], None] | None = None  # after the final evaluation
-  outputs: Callable[[state_lib.TrainState], dict] | None = None  # checkpoint items later stages need
+  name: str = ""  # the stage's name in stages.REGISTRY (set by stages.build)
+  component: str = ""  # checkpoint item of the trained network (set by stages.build from the registry)
 
 
 # ------------------------------------------------------------------------------------------ logging
@@ -273,8 +270,7 @@ def init_or_restore(run: Run, stage: Stage, index: int, iterator) -> tuple[state
   offset, end = run.bounds[stage.name]
   latest = run.checkpointer.latest_step()
   if latest is not None and offset < latest <= end:
-    abstract = jax.eval_shape(create, abstract_params, stage.frozen)
-    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    abstract = parallel.with_shardings(jax.eval_shape(create, abstract_params, stage.frozen), shardings)
     restored = run.checkpointer.restore(latest, abstract_items=_items(stage.component, abstract),
                                         data_iterator=iterator)
     items = restored.items
@@ -290,8 +286,7 @@ def init_or_restore(run: Run, stage: Stage, index: int, iterator) -> tuple[state
     if stage.initial_params is not None:
       params = jax.device_put(stage.initial_params, params_shardings)
     else:
-      with parallel.sharding_context(mesh):
-        params = jax.jit(lambda k: nn.meta.unbox(stage.init_fn(k)), out_shardings=params_shardings)(init_rng)
+      params, _ = parallel.init_sharded(stage.init_fn, mesh, parallel.LOGICAL_AXIS_RULES, init_rng)
     state = jax.jit(create, out_shardings=shardings)(params, stage.frozen)
     start = 0
 

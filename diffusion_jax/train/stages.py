@@ -1,14 +1,16 @@
-"""Stage builders: model, loss, data, frozen networks and evaluation of each stage, as a `loop.Stage`."""
+"""The stages of a run, in one table: name -> builder (model, loss, data, frozen networks, evaluation as a
+`loop.Stage`) and the checkpoint item its trained network is saved as, which later stages read."""
 from __future__ import annotations
 
+import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion_jax import parallel
+from diffusion_jax import hardware, parallel
 from diffusion_jax.nn import clip as clip_nn
 from diffusion_jax.nn import unet as unet_lib
 from diffusion_jax.nn.autoencoder import AutoencoderKL
@@ -20,15 +22,11 @@ from diffusion_jax.train import diffusion as diffusion_stage
 from diffusion_jax.train import export as export_lib
 from diffusion_jax.train.loop import Run, Stage, image_grid
 
-STAGES = ("autoencoder", "clip", "diffusion")
-COMPONENTS = {"autoencoder": ae_stage.COMPONENT, "clip": clip_stage.COMPONENT,
-              "diffusion": diffusion_stage.COMPONENT}
-
 
 def carried_components(config: Any, stage: str) -> tuple[str, ...]:
   """Checkpoint items of the stages before `stage` (what it and later checkpoints carry along)."""
   before = list(config.stages)[:list(config.stages).index(stage)]
-  return tuple(COMPONENTS[s] for s in before)
+  return tuple(REGISTRY[s].component for s in before)
 
 
 def _test_records(config: Any, n: int) -> list[dict]:
@@ -37,12 +35,17 @@ def _test_records(config: Any, n: int) -> list[dict]:
 
 
 def _seed(config: Any, stage: str) -> int:
-  return int(config.seed) * 1000 + STAGES.index(stage) + 1  # a different data order per stage
+  return int(config.seed) * 1000 + list(REGISTRY).index(stage) + 1  # a different data order per stage
+
+
+def _configure(run: Run, module_config):
+  """`module_config` with its "auto" implementation choices made for the run's devices and compute dtype."""
+  return hardware.configure(module_config, list(run.mesh.devices.flat), jnp.dtype(run.config.dtype))
 
 
 def build_autoencoder(run: Run, carried: dict) -> Stage:
   config, cfg = run.config, run.config.autoencoder
-  model = ae_stage.make_model(config, jnp.dtype(config.dtype))
+  model = AutoencoderKL(_configure(run, ae_stage.model_config(config)), dtype=jnp.dtype(config.dtype))
   records = _test_records(config, cfg.eval_examples)
   recon_fn = ae_stage.make_reconstruct(model)
 
@@ -55,18 +58,17 @@ def build_autoencoder(run: Run, carried: dict) -> Stage:
     return metrics
 
   return Stage(
-      name="autoencoder", component=ae_stage.COMPONENT, cfg=cfg,
-      init_fn=ae_stage.init_fn(model, int(config.data.image_size)), loss_fn=ae_stage.make_loss(model, cfg),
+      cfg=cfg, init_fn=ae_stage.init_fn(model, int(config.data.image_size)), loss_fn=ae_stage.make_loss(model, cfg),
       batch_fields=("image",),
       make_iterator=lambda: data_lib.train_iterator(config, cfg, seed=_seed(config, "autoencoder")),
-      evaluate=evaluate, outputs=lambda state: {ae_stage.COMPONENT: state.params})
+      evaluate=evaluate)
 
 
 def build_clip(run: Run, carried: dict) -> Stage:
   config, cfg = run.config, run.config.clip
   tokenizer = clip_stage.make_tokenizer(config)
-  model = clip_nn.CLIP(clip_stage.model_config(config, tokenizer), dtype=jnp.dtype(config.dtype),
-                       remat=bool(cfg.model.remat))
+  model = clip_nn.CLIP(_configure(run, clip_stage.model_config(config, tokenizer)), dtype=jnp.dtype(config.dtype),
+                       remat=bool(cfg.remat))
   records = _test_records(config, cfg.eval_examples)
   encoders = clip_stage.make_encoders(model)
 
@@ -81,20 +83,22 @@ def build_clip(run: Run, carried: dict) -> Stage:
                                batch_size=int(cfg.eval_batch_size), templates=cfg.zero_shot_templates)
 
   return Stage(
-      name="clip", component=clip_stage.COMPONENT, cfg=cfg, init_fn=clip_stage.init_fn(model),
+      cfg=cfg, init_fn=clip_stage.init_fn(model),
       loss_fn=clip_stage.make_loss(model, bool(cfg.mask_duplicate_captions)), batch_fields=("image", "tokens"),
       make_iterator=lambda: data_lib.train_iterator(config, cfg, seed=_seed(config, "clip"), tokenizer=tokenizer,
                                                     records=train_records()),
-      frozen=None, evaluate=evaluate, outputs=lambda state: {clip_stage.COMPONENT: state.params})
+      frozen=None, evaluate=evaluate)
 
 
 def build_diffusion(run: Run, carried: dict) -> Stage:
   config, d, mesh = run.config, run.config.diffusion, run.mesh
   dtype = jnp.dtype(config.dtype)
+  configure = lambda module_config: _configure(run, module_config)
   if d.init_from:
-    enc = diffusion_stage.encoders_from_directory(config)
+    enc = diffusion_stage.encoders_from_directory(config, configure)
   else:
-    enc = diffusion_stage.encoders_from_stages(config, carried, mesh)
+    enc = diffusion_stage.encoders_from_stages(config, carried[REGISTRY["autoencoder"].component],
+                                               carried[REGISTRY["clip"].component], mesh, configure)
   replicated = parallel.replicated(mesh)
   enc.vae_params = jax.device_put(enc.vae_params, replicated)
   enc.text_params = jax.device_put(enc.text_params, replicated)
@@ -102,8 +106,8 @@ def build_diffusion(run: Run, carried: dict) -> Stage:
   vae = AutoencoderKL(enc.vae_config, dtype=dtype)
   text = TextEncoder(enc.text_config, dtype=dtype)
   latent_size = int(config.data.image_size) // enc.vae_config.downsample_factor
-  unet_cfg = enc.unet_config or diffusion_stage.unet_config(config, enc.vae_config.latent_channels, latent_size,
-                                                            enc.text_config.hidden_size)
+  unet_cfg = enc.unet_config or configure(diffusion_stage.unet_config(
+      config, enc.vae_config.latent_channels, latent_size, enc.text_config.hidden_size))
   unet = unet_lib.UNet(unet_cfg, dtype=dtype)
   empty_tokens = enc.tokenizer([""])[0]  # [L]
 
@@ -119,7 +123,6 @@ def build_diffusion(run: Run, carried: dict) -> Stage:
     fields = ("image", "tokens")
     make_iterator = lambda: data_lib.train_iterator(config, d, seed=_seed(config, "diffusion"),
                                                     tokenizer=enc.tokenizer)
-  frozen["latent_scale"] = jnp.float32(enc.vae_config.scaling_factor)
   frozen = jax.device_put(frozen, replicated)
 
   def init_fn(rng):
@@ -153,17 +156,29 @@ def build_diffusion(run: Run, carried: dict) -> Stage:
     export_lib.save_pipeline(pipe, os.path.join(run.workdir, "model"))
 
   return Stage(
-      name="diffusion", component=diffusion_stage.COMPONENT, cfg=d, init_fn=init_fn,
-      loss_fn=diffusion_stage.make_loss(unet, vae, text, enc.scheduler, d, empty_tokens),
+      cfg=d, init_fn=init_fn, loss_fn=diffusion_stage.make_loss(unet, vae, text, enc.scheduler, d, empty_tokens),
       batch_fields=fields, make_iterator=make_iterator, frozen=frozen,
       initial_params=enc.unet_params, evaluate=evaluate,
-      on_checkpoint=export if d.export_every_checkpoint else None, on_finish=export,
-      outputs=lambda state: {})
+      on_checkpoint=export if d.export_every_checkpoint else None, on_finish=export)
 
 
-BUILDERS = {"autoencoder": build_autoencoder, "clip": build_clip, "diffusion": build_diffusion}
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+  """One trainable stage."""
+  build: Callable[[Run, dict], Stage]  # (run, carried items of the stages before) -> the stage
+  component: str  # checkpoint item of its trained network, read by the stages after it
+
+
+# The stages in their training order; config.stages names a subsequence of them.
+REGISTRY: dict[str, StageSpec] = {
+    "autoencoder": StageSpec(build_autoencoder, "vae"),
+    "clip": StageSpec(build_clip, "clip"),
+    "diffusion": StageSpec(build_diffusion, "unet"),
+}
+STAGES = tuple(REGISTRY)
 
 
 def build(name: str, run: Run, carried: dict) -> Stage:
-  """The `Stage` called `name`; `carried` holds the outputs of the stages before it."""
-  return BUILDERS[name](run, carried)
+  """The `Stage` called `name`; `carried` holds the checkpoint items of the stages before it."""
+  spec = REGISTRY[name]
+  return dataclasses.replace(spec.build(run, carried), name=name, component=spec.component)

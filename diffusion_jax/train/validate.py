@@ -1,6 +1,7 @@
 """Configuration checks that run before anything is compiled, each failure one clear sentence."""
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -9,7 +10,6 @@ from diffusion_jax.diffusion.schedules import BETA_SCHEDULES, PREDICTION_TYPES, 
 from diffusion_jax.parallel import MESH_AXES
 from diffusion_jax.xla_options import SCHEDULERS
 
-STAGES = ("autoencoder", "clip", "diffusion")
 DTYPES = ("float32", "bfloat16", "float16")
 DATA_SOURCES = ("shapes", "image_folder")
 
@@ -21,6 +21,39 @@ class ConfigError(ValueError):
 def _require(condition: bool, message: str) -> None:
   if not condition:
     raise ConfigError(message)
+
+
+def _same(a: Any, b: Any) -> bool:
+  norm = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v
+  return norm(a) == norm(b)
+
+
+def module_config(cls: type, section: Any, where: str, derived: dict[str, tuple[Any, str]] | None = None,
+                  **fixed: Any) -> Any:
+  """`cls(**section)`, the module config a config section spells field by field.
+
+  `derived` maps fields that follow from other stages to (value, what it is): a field left None takes
+  the value, a field set to anything else is an error. `fixed` fills fields the section does not hold.
+  """
+  kwargs = section.to_dict() if hasattr(section, "to_dict") else dict(section)
+  fields = {f.name: f for f in dataclasses.fields(cls)}
+  unknown = sorted(set(kwargs) - set(fields))
+  _require(not unknown, f"config.{where} has fields {unknown} that {cls.__name__} lacks")
+  for name, value in kwargs.items():
+    # A field that is "auto" in the config is a str to ml_collections, so a number given for it on the
+    # command line arrives as text.
+    if isinstance(value, str) and value.isdigit() and isinstance(fields[name].default, int):
+      kwargs[name] = int(value)
+  for name, (value, what) in (derived or {}).items():
+    given = kwargs.get(name)
+    _require(given is None or _same(given, value),
+             f"config.{where}.{name} is {given!r} but {what} is {value!r}: leave it None, it is filled in")
+    kwargs[name] = value
+  kwargs.update(fixed)
+  try:
+    return cls(**kwargs)
+  except (TypeError, ValueError) as e:
+    raise ConfigError(f"config.{where}: {e}") from e
 
 
 def _positive(cfg: Any, prefix: str, *names: str) -> None:
@@ -49,6 +82,7 @@ def _check_training(cfg: Any, prefix: str) -> None:
 
 def check(config: Any) -> None:
   """Checks everything that does not depend on the devices; raises ConfigError."""
+  from diffusion_jax.train.stages import STAGES  # pylint: disable=g-import-not-at-top  (it imports this module)
   stages = tuple(config.stages)
   _require(len(stages) > 0, "config.stages is empty: name at least one of " + ", ".join(STAGES))
   for name in stages:
@@ -77,12 +111,31 @@ def check(config: Any) -> None:
   if "clip" in stages:
     _require(config.clip.max_objects == 0 or name == "shapes",
              f"config.clip.max_objects selects `shapes` examples by their object count; set it to 0 for {name!r}")
-    m = config.clip.model
-    _require(config.data.image_size % m.patch_size == 0,
-             f"config.data.image_size {config.data.image_size} is not divisible by config.clip.model.patch_size "
-             f"{m.patch_size}")
+    patch = config.clip.model.vision.patch_size
+    _require(config.data.image_size % patch == 0,
+             f"config.data.image_size {config.data.image_size} is not divisible by "
+             f"config.clip.model.vision.patch_size {patch}")
   if "diffusion" in stages:
     _check_diffusion(config, stages)
+  _check_models(config, stages)
+
+
+def _check_models(config: Any, stages: tuple[str, ...]) -> None:
+  """Builds the module configs that the config spells, so that a field they refuse fails here."""
+  # pylint: disable=g-import-not-at-top  (these modules import this one)
+  from diffusion_jax.train import autoencoder, clip, diffusion
+  from_stages = "diffusion" in stages and not config.diffusion.init_from
+  if "autoencoder" in stages or from_stages:
+    vae = autoencoder.model_config(config)
+  if "clip" in stages or from_stages:
+    try:
+      tokenizer = clip.make_tokenizer(config)
+    except (OSError, ValueError) as e:
+      raise ConfigError(f"config.clip.tokenizer {config.clip.tokenizer!r}: {e}") from e
+    text = clip.model_config(config, tokenizer).text
+  if from_stages:
+    latent_size = int(config.data.image_size) // vae.downsample_factor
+    diffusion.unet_config(config, vae.latent_channels, latent_size, text.hidden_size)
 
 
 def _check_diffusion(config: Any, stages: tuple[str, ...]) -> None:
