@@ -44,8 +44,8 @@ def parse_args(argv=None):
                  help="allow loading .bin/.ckpt pickle weights (runs code from the file: trusted files only)")
   p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/diffusion_jax/xla"),
                  help="compilation caches (XLA's, and the traced generation programs in programs/), so a "
-                      "second run of the same shape skips tracing and compiling ('' disables them, and keeps no build "
-                      "of the CPU attention kernel)")
+                      "second run of the same shape skips tracing and compiling, and the models' parameter shapes ('' "
+                      "disables them, and keeps no build of the CPU attention kernel)")
   p.add_argument("--huge-pages", action="store_true",
                  help="CPU runs: restart once with glibc's transparent huge pages for XLA's buffers (faster "
                       "sampling; diffusion_jax/host_memory.py)")
@@ -93,6 +93,9 @@ def main(argv=None):
   if not os.path.isdir(args.model):
     fail(f"model path {args.model!r} not found (train one with `python train.py`, or pass --model DIR)")
 
+  # The parameter shapes of the models, kept so that loading skips tracing them (diffusion_jax.convert).
+  os.environ.setdefault("DIFFUSION_JAX_SHAPE_CACHE", os.path.join(args.cache_dir, "param_shapes") if args.cache_dir
+                        else "0")
   import jax
   if args.cache_dir:
     jax.config.update("jax_compilation_cache_dir", args.cache_dir)

@@ -149,34 +149,17 @@ class Pipeline:
     once here for `jax.devices()` (`hardware.configure`); `kernel_build` says how the CPU attention
     kernel is built where it is chosen.
     """
-    path = os.fspath(path)
-    if not os.path.isdir(path):
-      raise FileNotFoundError(f"model path {path!r} does not exist or is not a directory")
-    if not os.path.exists(os.path.join(path, "model_index.json")) and os.path.isdir(os.path.join(path, "model")):
-      path = os.path.join(path, "model")  # a training run: train.py exports the model there
-    pipeline_cls = pipeline_class(path)
+    loaded = dconv.load_directory(path, dtype=dtype, allow_pickle=allow_pickle)
+    pipeline_cls = pipeline_class(loaded.class_name, loaded.path)
     if cls is not Pipeline and not issubclass(pipeline_cls, cls):
-      raise ValueError(f"{path!r} holds a {pipeline_cls.__name__}, not a {cls.__name__}")
-    present = dconv.available_components(path)
-    if not present:
-      raise FileNotFoundError(f"{path!r} is neither a diffusers-format directory (unet/, vae/, text_encoder/, "
-                              "tokenizer/, scheduler/) nor a training run directory with model/")
-    modules, params, configs = {}, {}, {}
-    for name in dconv.COMPONENTS:
-      if name in present:
-        configs[name], modules[name], params[name] = dconv.load_component(
-            path, name, dtype=dtype, allow_pickle=allow_pickle)
-        chosen = hardware.configure(configs[name], jax.devices(), dtype or jnp.float32, force=True,
-                                    build=kernel_build)
-        if chosen is not configs[name]:
-          configs[name], modules[name] = chosen, modules[name].clone(config=chosen)
-    tokenizer = CLIPTokenizer.from_pretrained(os.path.join(path, "tokenizer")) if "tokenizer" in present else None
-    scheduler = SchedulerConfig()
-    if "scheduler" in present:
-      with open(os.path.join(path, "scheduler", "scheduler_config.json")) as f:
-        scheduler = SchedulerConfig.from_dict(json.load(f))
-    return pipeline_cls(tokenizer, modules.get("text_encoder"), modules.get("vae"), modules.get("unet"),
-                        params, scheduler, configs)
+      raise ValueError(f"{loaded.path!r} holds a {pipeline_cls.__name__}, not a {cls.__name__}")
+    configs, modules = dict(loaded.configs), dict(loaded.modules)
+    for name, config in loaded.configs.items():
+      chosen = hardware.configure(config, jax.devices(), dtype or jnp.float32, force=True, build=kernel_build)
+      if chosen is not config:
+        configs[name], modules[name] = chosen, modules[name].clone(config=chosen)
+    return pipeline_cls(loaded.tokenizer, modules.get("text_encoder"), modules.get("vae"), modules.get("unet"),
+                        loaded.params, loaded.scheduler, configs)
 
   def save_pretrained(self, directory: str | os.PathLike) -> None:
     """Exports a diffusers-format directory that diffusers' StableDiffusionPipeline loads."""
@@ -455,19 +438,14 @@ PIPELINES: dict[str, type] = {
 }
 
 
-def pipeline_class(path: str) -> type:
-  """The pipeline class for a diffusers-format directory (text-to-image where no class is named)."""
-  index = os.path.join(path, "model_index.json")
-  if not os.path.exists(index):
+def pipeline_class(class_name: str | None, path: str = "") -> type:
+  """The pipeline for `model_index.json`'s `_class_name` (text-to-image where none is named)."""
+  if class_name is None:
     return Pipeline
-  with open(index) as f:
-    name = json.load(f).get("_class_name")
-  if name is None:
-    return Pipeline
-  if name not in PIPELINES:
-    raise ValueError(f"{path!r} holds a {name}, which this version does not implement "
+  if class_name not in PIPELINES:
+    raise ValueError(f"{path!r} holds a {class_name}, which this version does not implement "
                      f"(supported: {', '.join(sorted(PIPELINES))})")
-  return PIPELINES[name]
+  return PIPELINES[class_name]
 
 
 @functools.lru_cache(maxsize=None)
