@@ -314,12 +314,6 @@ class Checkpointer:
 
   # ----------------------------------------------------------------- restore
 
-  def item_shapes(self, step: int | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
-    """Item name -> {'path/to/leaf': shape} of a saved step, read from metadata only."""
-    step = self._resolve_step(step)
-    return {name: _flat_shapes(self._saved_tree(step, name))
-            for name in self._read_meta(step)["items"]}
-
   def _saved_tree(self, step: int, name: str) -> Any:
     """The metadata tree (shapes, dtypes) of one saved item, read without loading arrays."""
     metadata = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / name)
