@@ -43,7 +43,7 @@ def alternate(programs: dict, args: tuple, repeats: int) -> dict:
 
 
 def start_on_cpu(parser, what: str):
-  """Re-executes with huge pages as train.py and sample.py do, then stops with `parser`'s usage unless JAX
+  """Re-executes with huge pages as `train.py --huge-pages` does, then stops with `parser`'s usage unless JAX
   runs on the CPU (`what` the benchmark compares there). Returns the jax module."""
   from diffusion_jax import host_memory
   host_memory.reexec_with_huge_pages()

@@ -384,7 +384,8 @@ def main():
     return common.emit(worker_ceiling(args.repeats))
   if args.worker in ("ours", "plain"):
     from diffusion_jax import host_memory
-    host_memory.reexec_with_huge_pages()  # as train.py and sample.py do
+    if args.worker == "ours":  # as `train.py --huge-pages`; the plain figure is what a user's own jit gets
+      host_memory.reexec_with_huge_pages()
     return common.emit(worker_ours(names[0], args.repeats, args.remat or DEFAULT_REMAT[names[0]], args.dtype,
                                    not args.no_train, args.batch, args.attention, plain=args.worker == "plain"))
 
