@@ -42,7 +42,7 @@ CHECKPOINT_SUBDIR = "checkpoints"
 _COMMIT_FILE = "commit_success.txt"
 _TMP_MARKER = ".orbax-checkpoint-tmp"
 _RESERVED_ITEMS = ("meta", "rng", "config", "data_iterator")
-_FORMAT_VERSION = 2  # 2: the key through orbax's JaxRandomKey handler
+_FORMAT_VERSION = 1
 
 
 class CheckpointSaveError(RuntimeError):
@@ -243,11 +243,14 @@ class Checkpointer:
     if not force and not self._manager.should_save(step):
       return False
 
-    meta = {"format": _FORMAT_VERSION, "items": sorted(items), "rng": rng is not None,
+    meta = {"format": _FORMAT_VERSION, "items": sorted(items), "rng": None,
             "config": config is not None, "data_iterator": data_iterator is not None}
     args = {name: ocp.args.StandardSave(tree) for name, tree in items.items()}
     if rng is not None:
-      args["rng"] = ocp.args.JaxRandomKeySave(rng)
+      # The key data as a plain array: orbax's JaxRandomKey handler logs an OCDBT warning at every save.
+      typed = jnp.issubdtype(rng.dtype, jax.dtypes.prng_key)
+      meta["rng"] = {"typed": bool(typed), "impl": str(jax.random.key_impl(rng)) if typed else None}
+      args["rng"] = ocp.args.StandardSave({"key_data": jax.random.key_data(rng) if typed else rng})
     if config is not None:
       args["config"] = ocp.args.JsonSave(_config_to_json(config))
     if data_iterator is not None:
@@ -376,11 +379,8 @@ class Checkpointer:
       if abstract is None:
         abstract = _replicated_like(saved_trees[name])
       args[name] = ocp.args.StandardRestore(jax.tree.map(_with_sharding, abstract))
-    legacy_rng = isinstance(meta["rng"], dict)  # format 1: {"key_data": ...} and the key's type in meta
-    if legacy_rng:
+    if meta["rng"] is not None:
       args["rng"] = ocp.args.StandardRestore(_replicated_like(self._saved_tree(step, "rng")))
-    elif meta["rng"]:
-      args["rng"] = ocp.args.JaxRandomKeyRestore(ocp.ArrayRestoreArgs(sharding=_replicated_sharding()))
     if meta["config"]:
       args["config"] = ocp.args.JsonRestore()
     if data_iterator is not None:
@@ -392,9 +392,9 @@ class Checkpointer:
       args["data_iterator"] = grain.checkpoint.CheckpointRestore(data_iterator)
 
     restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-    rng = restored["rng"] if meta["rng"] else None
-    if legacy_rng:
-      rng = jnp.asarray(rng["key_data"])
+    rng = None
+    if meta["rng"] is not None:
+      rng = jnp.asarray(restored["rng"]["key_data"])
       if meta["rng"]["typed"]:
         rng = jax.random.wrap_key_data(rng, impl=meta["rng"]["impl"])
     return RestoredCheckpoint(
