@@ -10,9 +10,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from flax.traverse_util import flatten_dict as flatten
 
 from diffusion_jax import hardware
-from diffusion_jax.convert.keys import flatten, flax_to_torch, torch_to_flax
+from diffusion_jax.convert.keys import flax_to_torch, torch_to_flax
 from diffusion_jax.nn import autoencoder as ae
 
 # Every block type: two levels (a downsampler, an upsampler, width-changing shortcuts), two resnets

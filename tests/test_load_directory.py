@@ -22,7 +22,7 @@ def _reference_state(sd_dir, name, stem="diffusion_pytorch_model"):
 
 def test_whole_directory_matches_the_files(sd_dir):
   from diffusion_jax.convert import diffusers as dconv
-  from diffusion_jax.convert.keys import flatten
+  from flax.traverse_util import flatten_dict as flatten
   loaded = dconv.load_directory(sd_dir)
   assert loaded.path == sd_dir and loaded.class_name == "StableDiffusionPipeline"
   assert sorted(loaded.params) == sorted(loaded.modules) == sorted(loaded.configs) == ["text_encoder", "unet", "vae"]
@@ -105,7 +105,7 @@ def test_pickle_weights_need_consent(sd_dir, tmp_path):
   os.remove(weights)
   with pytest.raises(dconv.UnsafeCheckpointError, match="allow_pickle"):
     dconv.load_directory(tmp_path)
-  from diffusion_jax.convert.keys import flatten
+  from flax.traverse_util import flatten_dict as flatten
   loaded = flatten(dconv.load_directory(tmp_path, allow_pickle=True).params["vae"])
   with open(os.path.join(sd_dir, "vae", "config.json")) as f:
     assert json.load(f)["latent_channels"] == 4
@@ -117,7 +117,7 @@ def test_half_precision_files_load_into_float32_params(sd_dir, tmp_path):
   from safetensors.numpy import load_file, save_file
 
   from diffusion_jax.convert import diffusers as dconv
-  from diffusion_jax.convert.keys import flatten
+  from flax.traverse_util import flatten_dict as flatten
   shutil.copytree(os.path.join(sd_dir, "unet"), tmp_path / "unet")
   weights = tmp_path / "unet" / "diffusion_pytorch_model.safetensors"
   half = {k: v.astype(np.float16) for k, v in load_file(weights).items()}

@@ -44,7 +44,7 @@ def test_same_images_as_diffusers(sd_dir, sampler):
 
 def test_loads_components_and_round_trips(sd_dir, tmp_path):
   import diffusion_jax as dj
-  from diffusion_jax.convert.keys import flatten
+  from flax.traverse_util import flatten_dict as flatten
   pipe = dj.Pipeline.from_pretrained(sd_dir)
   assert set(pipe.params) == {"text_encoder", "vae", "unet"}
   pipe.save_pretrained(tmp_path / "export")
@@ -107,7 +107,7 @@ def test_sharded_safetensors_with_index(sd_dir, tmp_path):
     json.dump({"metadata": {}, "weight_map": weight_map}, f)
   sharded = dj.Pipeline.from_pretrained(tmp_path)
   whole = dj.Pipeline.from_pretrained(sd_dir)
-  from diffusion_jax.convert.keys import flatten
+  from flax.traverse_util import flatten_dict as flatten
   for k, v in flatten(whole.params["unet"]).items():
     np.testing.assert_array_equal(np.asarray(flatten(sharded.params["unet"])[k]), np.asarray(v))
 

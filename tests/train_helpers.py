@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax.data import shapes
+from diffusion_jax.data.transforms import to_model_pixels
 from diffusion_jax.diffusion.schedules import SchedulerConfig
 from diffusion_jax.nn import autoencoder as ae
 from diffusion_jax.nn import unet as unet_lib
@@ -43,7 +44,7 @@ def shapes_images(n, size=16):
     ex = shapes.generate_example("test", i)
     images.append(np.asarray(Image.fromarray(ex["image"]).resize((size, size), Image.BOX)))
     captions.append(ex["caption"])
-  return np.stack(images).astype(np.float32) / 127.5 - 1.0, tuple(captions)
+  return to_model_pixels(np.stack(images)), tuple(captions)
 
 
 def training_cfg(**overrides):

@@ -22,6 +22,7 @@ from typing import Any, Iterable, Mapping
 
 import jax
 import numpy as np
+from flax import traverse_util
 from flax.linen import meta
 
 from diffusion_jax.convert import keys as keymap
@@ -208,7 +209,7 @@ def _read_network(checkpoint: _Checkpoint, strip_prefix: str, param_dtype: np.dt
 
 def _check_network(read: list[tuple], checkpoint: _Checkpoint, target: Any) -> dict:
   """The params tree once it agrees with the model's shapes; else WeightMismatchError naming the keys."""
-  expected = keymap.flatten(target)
+  expected = traverse_util.flatten_dict(target)
   flat, found, unexpected, mismatched = {}, {}, [], []
   for key, path, leaf_path, value in read:
     if leaf_path not in expected:
@@ -228,7 +229,7 @@ def _check_network(read: list[tuple], checkpoint: _Checkpoint, target: Any) -> d
   error = keymap.mismatch_error(expected, found, unexpected, mismatched)
   if error is not None:
     raise error
-  return keymap.unflatten(flat)
+  return traverse_util.unflatten_dict(flat)
 
 
 def read_config(component_dir: str) -> dict:
@@ -437,14 +438,14 @@ def _read_shapes(path: str) -> dict | None:
   try:
     with open(path) as f:
       entries = json.load(f)
-    return keymap.unflatten({tuple(p): jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
+    return traverse_util.unflatten_dict({tuple(p): jax.ShapeDtypeStruct(tuple(shape), np.dtype(dtype))
                              for p, shape, dtype in entries})
   except (OSError, ValueError, TypeError):  # absent or unreadable: trace instead
     return None
 
 
 def _write_shapes(path: str, params: Any) -> None:
-  entries = [[list(p), list(v.shape), np.dtype(v.dtype).name] for p, v in keymap.flatten(params).items()]
+  entries = [[list(p), list(v.shape), np.dtype(v.dtype).name] for p, v in traverse_util.flatten_dict(params).items()]
   try:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{os.getpid()}.tmp"

@@ -82,11 +82,6 @@ def _to_torch_layout(leaf: str, value: np.ndarray) -> np.ndarray:
 _WEIGHT_LEAVES = ("kernel", "scale", "embedding")
 _IGNORED = tuple(re.compile(p) for p in IGNORED_KEYS)
 
-# Nested dicts <-> {path tuple: leaf}; the names are kept for the modules and tests that use them.
-flatten = traverse_util.flatten_dict
-unflatten = traverse_util.unflatten_dict
-
-
 def flax_path(key: str, strip_prefix: str = "") -> tuple[str, ...] | None:
   """The Flax path of a PyTorch key, its leaf still "weight" where the module decides; None for buffers."""
   if any(p.search(key) for p in _IGNORED):
@@ -153,7 +148,7 @@ def torch_to_flax(keys: Iterable[str], get_tensor: Callable[[str], np.ndarray], 
   `convert` (e.g. `jnp.asarray`) turns each tensor into its final array before the next is read.
   Raises WeightMismatchError naming every missing, unexpected or mis-shaped key.
   """
-  expected = flatten(target)
+  expected = traverse_util.flatten_dict(target)
   out: dict[tuple[str, ...], Any] = {}
   found: dict[tuple[str, ...], str] = {}
   unexpected, mismatched = [], []
@@ -176,13 +171,13 @@ def torch_to_flax(keys: Iterable[str], get_tensor: Callable[[str], np.ndarray], 
   error = mismatch_error(expected, found, unexpected, mismatched)
   if error is not None:
     raise error
-  return unflatten(out)
+  return traverse_util.unflatten_dict(out)
 
 
 def flax_to_torch(params: Mapping[str, Any], *, prefix: str = "") -> dict[str, np.ndarray]:
   """Flax params -> PyTorch state dict (numpy arrays, reference layouts and names)."""
   out = {}
-  for path, value in flatten(params).items():
+  for path, value in traverse_util.flatten_dict(params).items():
     leaf = path[-1]
     name = "weight" if leaf in _WEIGHT_LEAVES else leaf
     key = prefix + path_to_torch_key(path[:-1]) + "." + name if len(path) > 1 else prefix + name

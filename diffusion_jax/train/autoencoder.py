@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion_jax import xla_options
+from diffusion_jax.data.transforms import to_uint8
 from diffusion_jax.nn import autoencoder as ae
 from diffusion_jax.train import data as data_lib
 from diffusion_jax.train import validate
@@ -91,10 +92,6 @@ def reconstruct(model: ae.AutoencoderKL, params, images):
   """Posterior-mean reconstructions: [B, H, W, 3] in [-1, 1] -> same."""
   mean, _ = model.apply({"params": params}, images, method="encode")
   return model.apply({"params": params}, mean, method="decode")
-
-
-def to_uint8(images) -> np.ndarray:
-  return np.asarray(np.round(np.clip((np.asarray(images, np.float32) + 1.0) * 127.5, 0, 255)), np.uint8)
 
 
 def psnr(reference: np.ndarray, images: np.ndarray) -> dict[str, float]:

@@ -9,6 +9,7 @@ from jax.experimental import multihost_utils
 
 from diffusion_jax import parallel
 from diffusion_jax.data import get_source, make_dataset
+from diffusion_jax.data.transforms import to_model_pixels
 
 
 def source(config: Any, split: str = "train"):
@@ -70,7 +71,7 @@ def eval_batches(records: Sequence[dict], batch_size: int, fields: Sequence[str]
       if f == "tokens":
         host[f] = np.asarray(tokenizer([r["caption"] for r in chunk]), np.int32)
       elif f == "image":
-        host[f] = np.stack([r["image"] for r in chunk]).astype(np.float32) / 127.5 - 1.0
+        host[f] = to_model_pixels(np.stack([r["image"] for r in chunk]))
       else:
         host[f] = np.stack([np.asarray(r[f]) for r in chunk])
     rows = process_rows(batch_size)
