@@ -1,10 +1,10 @@
 """Transparent huge pages for XLA's host buffers on Linux (the CPU backend's speed).
 
 On the CPU, XLA allocates each execution's temporary buffer with `posix_memalign`; at these sizes
-glibc maps fresh pages from the kernel every call and unmaps them afterwards. A train step of the
-benchmark's `small` UNet (2.3 GB of temporaries) so takes about 605,000 page faults and 1.2 s of
-kernel time per step. glibc's `glibc.malloc.hugetlb=1` tunable marks those mappings for transparent
-huge pages: 512x fewer faults, and a faster step (benchmarks/RESULTS.md). glibc reads tunables only
+glibc maps fresh pages from the kernel every call and unmaps them afterwards: hundreds of thousands
+of 4 KiB page faults per train step of a mid-sized UNet. glibc's `glibc.malloc.hugetlb=1` tunable
+marks those mappings for transparent huge pages: 512x fewer faults (2 MiB pages), and a faster step
+(benchmarks/unet.py). glibc reads tunables only
 when a process starts, so this is opt-in, for CPU runs: start Python with
 `GLIBC_TUNABLES=glibc.malloc.hugetlb=1` yourself, or pass `--huge-pages` to train.py or sample.py,
 which then re-execute themselves once with the tunable set (`reexec_with_huge_pages`). Nothing here

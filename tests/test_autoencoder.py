@@ -159,6 +159,7 @@ def test_encode_clips_logvar_like_diffusers(small):
   assert rel_err(logvar, want) <= 1e-5
 
 
+@pytest.mark.slow
 def test_training_call(small):
   _, params, images, _, _ = small
   model = ae.AutoencoderKL(SMALL)
@@ -300,6 +301,7 @@ def test_legacy_attention_names_load(small):
     np.testing.assert_array_equal(flat_loaded[path], flat_new[path])
 
 
+@pytest.mark.slow
 def test_remat_same_values_and_gradients():
   config = ae.AutoencoderConfig(block_out_channels=(8,), layers_per_block=1, norm_num_groups=4)
   remat = ae.AutoencoderConfig(**{**config.__dict__, "remat": True})

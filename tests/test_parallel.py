@@ -195,6 +195,7 @@ def test_initialize_distributed_is_a_no_op_on_one_machine(monkeypatch):
 # ------------------------------------------------------- 8 devices: data=2 x fsdp=4
 
 
+@pytest.mark.slow
 def test_mesh_parameters_are_sharded(runs):
   result = runs.result("mesh")
   assert result["mesh_shape"] == {"data": 2, "fsdp": 4}

@@ -129,6 +129,7 @@ def test_mis_shaped_tensor_names_key_and_shapes(sd_dir, tmp_path):
   assert "conv_out/bias" in str(e.value)
 
 
+@pytest.mark.slow
 def test_img2img_and_inpainting(sd_dir):
   import diffusion_jax as dj
   pipe = dj.Pipeline.from_pretrained(sd_dir)
@@ -175,6 +176,7 @@ def test_over_long_prompt_is_truncated_with_a_warning(sd_dir):
 @pytest.mark.parametrize("kwargs", [dict(sampler="dpmpp_2m", guidance_rescale=0.7),
                                     dict(sampler="euler_a", image="init", strength=0.5),
                                     dict(sampler="ddim", image="init", mask="left")])
+@pytest.mark.slow
 def test_progress_bar_steps_give_the_same_images(sd_dir, kwargs, capsys):
   """progress=True runs one jitted step at a time (no host callback); the images are the same."""
   import diffusion_jax as dj

@@ -29,6 +29,7 @@ print(len(os.listdir(sys.argv[4])), len(jax.devices()))
 """
 
 
+@pytest.mark.slow
 def test_eight_devices_give_the_images_of_one(sd_dir, tmp_path):
   outs = []
   for count in (1, 8):

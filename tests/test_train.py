@@ -65,6 +65,7 @@ def test_clip_step_reduces_loss_and_the_temperature_is_clamped():
   np.testing.assert_allclose(loss, (xent(logits) + xent(logits.T)) / 2, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cached,prediction_type", [(True, "epsilon"), (False, "v_prediction")])
 def test_diffusion_step_reduces_loss(cached, prediction_type):
   loss_fn, params, frozen, batch = h.diffusion_setup(cached, prediction_type)
@@ -80,6 +81,7 @@ def test_diffusion_step_reduces_loss(cached, prediction_type):
   assert 0.0 <= float(metrics["caption_dropped"]) <= 1.0
 
 
+@pytest.mark.slow
 def test_cached_and_on_the_fly_diffusion_losses_agree():
   """Cached posteriors and text states give the loss that encoding at every step gives."""
   on_the_fly = h.diffusion_setup(cached=False)

@@ -15,6 +15,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from diffusion_jax.convert.safetensors_io import SafetensorsFile
 
@@ -79,6 +80,7 @@ def read_model(workdir):
   return out
 
 
+@pytest.mark.slow
 def test_smoke_run_resume_pipeline_and_sigkill(tmp_path):
   import diffusion_jax as dj
 

@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from diffusion_jax.convert.safetensors_io import SafetensorsFile
 from diffusion_jax.diffusion.schedules import SchedulerConfig
@@ -52,6 +53,7 @@ def tensors(path):
   return out
 
 
+@pytest.mark.slow
 def test_finetune_from_diffusers_directory(tmp_path):
   source = tmp_path / "tiny-sd"
   build_tiny_sd(str(source))

@@ -16,6 +16,7 @@ def _rel(a, b):
   return float(optax.tree.norm(jax.tree.map(jnp.subtract, a, b)) / optax.tree.norm(b))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["autoencoder", "diffusion"])
 def test_gradient_accumulation_matches_the_whole_batch(which):
   if which == "autoencoder":

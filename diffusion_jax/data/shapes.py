@@ -184,8 +184,7 @@ class Shapes(tfds.core.GeneratorBasedBuilder):
   Record `i` of a split is `generate_example(split, i)`, a pure function, so
   any range of records can be generated anywhere, in any order. Rendering is
   the smaller part of a build's CPU time (TFDS's serialisation and zlib take
-  the rest, in the writing process), so the build runs in one process: the
-  full data set takes about 12 CPU seconds and 20 MB.
+  the rest, in the writing process), so the build runs in one process.
   """
 
   name = "shapes"

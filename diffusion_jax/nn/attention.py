@@ -134,7 +134,7 @@ def _tile_forward(q, k, v):  # [g, c, Dh], [g, S, Dh] -> out [g, c, Dh], log-sum
 def _tile_backward(q, k, v, out, lse, d_out):  # -> dq [g, c, Dh], dk^T and dv^T [g, Dh, S] (float32)
   p = jnp.exp(jnp.einsum("gqd,gkd->gqk", q, k, preferred_element_type=jnp.float32) - lse)
   # dk^T and dv^T rather than dk and dv: the [c, S] matrix then sits on the right of the product, in
-  # the layout the CPU matmul kernels take directly (the transposed form is 2-3x slower).
+  # the layout the CPU matmul kernels take directly (the transposed form is much slower).
   dv_t = jnp.einsum("gqd,gqk->gdk", d_out, p.astype(d_out.dtype), preferred_element_type=jnp.float32)
   dp = jnp.einsum("gqd,gkd->gqk", d_out, v, preferred_element_type=jnp.float32)
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)

@@ -51,9 +51,8 @@ def matmul_rows(x, kernel):  # [..., C] x [C, O] -> [..., O]
 
   With the leading axes merged, autodiff writes the kernel's gradient as a dot of two [rows, C] operands,
   which XLA's CPU matmul takes as they are. Over [B, T, C] operands XLA first transposes the output
-  gradient, fused with (and recomputing) the elementwise work that produced it, in strided order: the
-  GEGLU projection's forward and backward ran 1.6x slower that way, the default config's UNet train
-  step 1.11x (benchmarks/dense.py, benchmarks/RESULTS.md).
+  gradient, fused with (and recomputing) the elementwise work that produced it, in strided order,
+  which is markedly slower (benchmarks/dense.py).
   """
   return jnp.dot(x.reshape(-1, x.shape[-1]), kernel).reshape(*x.shape[:-1], kernel.shape[-1])
 
@@ -117,8 +116,8 @@ def Conv(features: int, kernel_size: int = 3, *, stride: int = 1, padding: Any =
 def gelu(x):
   """Exact GELU, x Phi(x), in torch's form 0.5 x (1 + erf(x / sqrt(2))).
 
-  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA's CPU code computes about 1.4x
-  slower than erf (GEGLU forward and backward at [8192, 512]: 33 vs 23 ms).
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA's CPU code computes more slowly
+  than erf.
   """
   return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))))
 

@@ -47,8 +47,8 @@ typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
 constexpr int kVecsPerBlock = 2;                  // a block of queries: 2 vectors of lanes
 constexpr int kBlock = kLanes * kVecsPerBlock;    // 32 queries with AVX-512
 constexpr int kAccumulators = kRegisters / 2;     // vectors summed in registers at once (the rest: operands)
-// The forward pass takes the keys in chunks of this many (measured: 128-1024 all within noise at the
-// UNets' shapes; the whole row at once was 10-15% slower at SD 1.5's 4096 keys).
+// The forward pass takes the keys in chunks of this many, with an online softmax: a chunk's scores stay
+// in the cache where a whole row of SD 1.5's 4096 keys would not (benchmarks/attention.py).
 constexpr int64_t kKeyChunk = 256;
 
 // A broadcast, as one instruction (`Vec{} + x` would compute 0.0 + x first, an add on the multiply ports).
